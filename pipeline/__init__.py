@@ -1,0 +1,42 @@
+"""pipeline: out-of-core distances, exact k-NN and Gaussian-mixture EM on Dask + Zarr.
+
+Datasets live as chunked Zarr groups; every operation runs block by block inside a
+memory budget you state, on dask's threads or a distributed cluster.
+
+Examples
+--------
+>>> import pipeline as pl
+>>> ds = pl.make_blobs("memory://doc/init", 500, 4, centers=2)
+>>> pl.plan("knn", n_query=100, n_train=500, n_features=4, memory_budget="256MiB", threads=2)["query_rows"]
+100
+"""
+
+from .budget import Plan, parse_budget, plan
+from .errors import BudgetError, DataError, InputError, PipelineError
+from .storage import (Dataset, ingest, make_blobs, make_cifar_like, open_dataset,
+                      write_dataset)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dataset", "open_dataset", "write_dataset", "ingest", "make_blobs", "make_cifar_like",
+    "plan", "Plan", "parse_budget",
+    "PipelineError", "InputError", "BudgetError", "DataError",
+]
+
+# Operations that land in their own modules; each is exported once it exists.
+try:
+    from .distances import pairwise_distances  # noqa: F401
+    __all__ += ["pairwise_distances"]
+except ImportError:  # pragma: no cover - transitional
+    pass
+try:
+    from .neighbors import KNeighborsClassifier, kneighbors  # noqa: F401
+    __all__ += ["kneighbors", "KNeighborsClassifier"]
+except ImportError:  # pragma: no cover - transitional
+    pass
+try:
+    from .mixture import GaussianMixture, em_step  # noqa: F401
+    __all__ += ["GaussianMixture", "em_step"]
+except ImportError:  # pragma: no cover - transitional
+    pass

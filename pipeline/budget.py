@@ -1,0 +1,403 @@
+"""Memory budgets: byte sizes, per-operation cost models and chunk plans.
+
+The budget is the most memory an operation may add to one process above its idle
+footprint (for a cluster: per worker).  Each operation has an explicit cost model: the
+bytes one task holds while it runs (input blocks, GEMM output block, temporaries),
+times the number of tasks alive at once, plus what all tasks share (parameters) and a
+fixed runtime overhead.  :func:`plan` picks the largest blocks whose predicted peak
+fits the budget; :meth:`Plan.explain` prints the table.  The numbers are checked by
+measuring real processes in ``tests/test_budget_memory.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import BudgetError
+
+__all__ = ["parse_budget", "default_budget", "format_bytes", "plan", "Plan", "CostItem"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
+    "ti": 2**40, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+# Memory the runtime adds once work starts, whatever the block sizes: thread stacks,
+# BLAS work buffers, zarr's event loop and codec buffers, dask's bookkeeping.
+# Measured with tests/test_budget_memory.py (a 1-row plan on this machine).
+RUNTIME_OVERHEAD = 40 * 2**20
+
+# The smallest block worth a task: below this the per-task overhead (~100 us) and
+# the GEMM's poor efficiency on thin blocks dominate.
+_MIN_ROWS = 1
+
+
+def parse_budget(value, *, name="memory_budget") -> int:
+    """Return a budget in bytes.
+
+    Parameters
+    ----------
+    value : int, float, str or None
+        Bytes, or a size such as ``"1.5GiB"``, ``"256MiB"``, ``"2GB"``.  ``None`` means
+        the default: dask config ``pipeline.memory-budget``, else a quarter of the
+        memory available now.
+
+    Examples
+    --------
+    >>> parse_budget("1.5GiB")
+    1610612736
+    >>> parse_budget(2**20)
+    1048576
+    """
+    if value is None:
+        return default_budget()
+    if isinstance(value, bool):
+        raise BudgetError(f"{name}={value!r} is not a size; give bytes or a string such as '1.5GiB'")
+    if isinstance(value, (int, float)):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise BudgetError(
+                f"{name}={value!r} is not a size; write a number and a unit such as "
+                "'512MiB', '1.5GiB' or '2GB'"
+            )
+        n = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(n) or n <= 0:
+        raise BudgetError(f"{name}={value!r} must be a positive size such as '1GiB'")
+    return int(n)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget() -> int:
+    """The budget used when none is given.
+
+    The dask config key ``pipeline.memory-budget`` (also the environment variable
+    ``DASK_PIPELINE__MEMORY_BUDGET``) if set, else a quarter of the memory available
+    now (at least 256 MiB).
+    """
+    import dask.config
+
+    value = dask.config.get("pipeline.memory-budget", None)
+    if value is not None:
+        return parse_budget(value, name="pipeline.memory-budget")
+    return max(256 * 2**20, _available_memory() // 4)
+
+
+def format_bytes(n: float) -> str:
+    """``1536 * 2**20`` -> ``'1.5 GiB'``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class CostItem:
+    """One row of a plan's cost table: ``count`` allocations of ``nbytes`` each."""
+
+    name: str
+    nbytes: int
+    count: int = 1
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.nbytes * self.count
+
+
+@dataclass
+class Plan:
+    """Block sizes for one operation and the memory they are predicted to need.
+
+    Attributes
+    ----------
+    op : str
+        ``"distances"``, ``"knn"`` or ``"gmm"``.
+    budget : int
+        The budget in bytes.
+    threads : int
+        Tasks that run at once in one process (dask threads, or threads per worker).
+    params : dict
+        Block sizes: ``query_rows`` / ``train_rows`` (distances, knn), ``rows`` and
+        ``component_group`` (gmm), plus derived counts such as ``passes``.
+    items : list of CostItem
+        The cost table; ``peak`` is its total.
+    shape : dict
+        The problem the plan was made for.
+    """
+
+    op: str
+    budget: int
+    threads: int
+    params: dict
+    items: list = field(default_factory=list)
+    shape: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        """Predicted memory above the idle process, in bytes."""
+        return sum(item.total for item in self.items)
+
+    def __getitem__(self, key):
+        return self.params[key]
+
+    def explain(self) -> str:
+        """The plan as a table: what each task holds, how many at once, the peak."""
+        shape = ", ".join(f"{k}={v}" for k, v in self.shape.items())
+        blocks = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        lines = [
+            f"plan for {self.op} ({shape})",
+            f"  budget {format_bytes(self.budget)}, {self.threads} task(s) at once; {blocks}",
+            f"  {'item':<34}{'each':>12}{'x':>5}{'total':>12}  note",
+        ]
+        for it in self.items:
+            lines.append(
+                f"  {it.name:<34}{format_bytes(it.nbytes):>12}{it.count:>5}"
+                f"{format_bytes(it.total):>12}  {it.note}"
+            )
+        pct = 100 * self.peak / self.budget
+        lines.append(f"  {'predicted peak':<34}{'':>17}{format_bytes(self.peak):>12}  {pct:.0f}% of budget")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def _positive(name, value):
+    if not isinstance(value, (int,)) or isinstance(value, bool) or value < 1:
+        try:
+            ok = int(value) == value and value >= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise BudgetError(f"{name}={value!r} must be a whole number >= 1")
+    return int(value)
+
+
+# ---------------------------------------------------------------------- cost models
+#
+# Each model is a function (blocks) -> list of CostItem.  `w` is the working itemsize
+# (float32 data stays float32 for distances; integers become float32; GMM works in
+# float64), `src` the stored itemsize (a converted block is a second copy).
+
+def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast):
+    d = n_features
+    w = 8 if upcast else max(itemsize, 4)
+    conv = itemsize != w
+    items = [
+        CostItem("query block", bq * d * w, threads, "read, converted and centred" if conv else "read and centred"),
+        CostItem("train block", bt * d * w, threads, "read, converted and centred" if conv else "read and centred"),
+    ]
+    if conv:
+        items.append(CostItem("stored-dtype copies", (bq + bt) * d * itemsize, threads, "before conversion"))
+    items += [
+        CostItem("GEMM output block", bq * bt * w, threads, "-2xy^T + norms, in place"),
+        CostItem("output block as written", bq * bt * out_itemsize * 2, threads, "cast + encoded chunk"),
+        CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
+    ]
+    return items
+
+
+def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
+    d = n_features
+    w = max(itemsize, 4)
+    conv = itemsize != w
+    items = [
+        CostItem("query block", bq * d * w, 1, "held while the train set streams"),
+        CostItem("train block", bt * d * w, threads, "read, converted and centred" if conv else "read and centred"),
+    ]
+    if conv:
+        items.append(CostItem("stored-dtype copy", bt * d * itemsize, threads, "before conversion"))
+    items += [
+        CostItem("distance block", bq * bt * w, threads, "one GEMM"),
+        CostItem("argpartition indices", bq * bt * 8, threads, "int64"),
+        CostItem("partial top-k lists", bq * k * 16, threads + min(n_train_blocks, 8), "distances + indices, merged in a tree"),
+        CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
+    ]
+    return items
+
+
+def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4):
+    d, K = n_features, n_components
+    # With one group every component's factors are held; with several, a pass holds
+    # only its group's (the per-row log-sum-exp of earlier passes is (rows,) per block).
+    params = group * d * d * 8 + 2 * K * d * 8
+    stats = group * d * d * 8 + group * d * 8 + group * 8
+    items = [
+        CostItem("parameters", params, 1, "precision Cholesky factors + means, one shared key"),
+        CostItem("X block (float64)", rows * d * 8, threads, "read and converted"),
+    ]
+    if itemsize != 8:
+        items.append(CostItem("stored-dtype copy", rows * d * itemsize, threads, "before conversion"))
+    items += [
+        CostItem("X @ P for a component group", rows * group * d * 8, threads, "one GEMM per group"),
+        CostItem("log-probabilities, responsibilities", 3 * rows * K * 8, threads, "(rows, K) float64"),
+        CostItem("weighted block", rows * d * 8, threads, "sqrt(r) (x - shift) for the scatter GEMM"),
+        CostItem("sufficient statistics", stats, threads + split_every, "N, S1, S2 per task and in the tree"),
+        CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
+    ]
+    return items
+
+
+def _largest(fits, lo, hi):
+    """Largest integer b in [lo, hi] with fits(b), assuming monotone; None if none."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _too_small(op, budget, minimum, what):
+    raise BudgetError(
+        f"memory budget {format_bytes(budget)} is too small for {op}: even {what} needs "
+        f"{format_bytes(minimum)}; give --memory-budget {math.ceil(minimum / 2**20)}MiB or more"
+    )
+
+
+def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
+    """Plan block sizes for ``op`` inside a memory budget.
+
+    Parameters
+    ----------
+    op : {"distances", "knn", "gmm"}
+        The operation.
+    memory_budget : int or str, optional
+        Bytes above the idle process (see :func:`parse_budget`).
+    threads : int, optional
+        Tasks that run at once; default: the dask threads of the active scheduler.
+    **shape
+        ``distances``: ``n_x, n_y, n_features, itemsize=4, out_itemsize=None,
+        upcast=False``.  ``knn``: ``n_query, n_train, n_features, k=5, itemsize=4``.
+        ``gmm``: ``n_samples, n_features, n_components, itemsize=8``.
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    BudgetError
+        If the budget cannot be parsed, or is too small for even one row; the message
+        names the minimum budget that would do.
+
+    Examples
+    --------
+    >>> p = plan("knn", n_query=1000, n_train=50000, n_features=3072, memory_budget="1GiB", threads=2)
+    >>> p["query_rows"]
+    1000
+    """
+    budget = parse_budget(memory_budget)
+    if threads is None:
+        from .cluster import dask_threads
+
+        threads = dask_threads()
+    threads = _positive("threads", threads)
+    try:
+        builder = _PLANNERS[op]
+    except KeyError:
+        raise BudgetError(f"unknown operation {op!r}; choose one of {sorted(_PLANNERS)}") from None
+    return builder(budget, threads, **shape)
+
+
+def _plan_distances(budget, threads, *, n_x, n_y, n_features, itemsize=4, out_itemsize=None, upcast=False):
+    n_x, n_y, d = (_positive(n, v) for n, v in (("n_x", n_x), ("n_y", n_y), ("n_features", n_features)))
+    out_itemsize = out_itemsize or (8 if upcast else max(itemsize, 4))
+    cost = lambda bq, bt: _cost_distances(bq, bt, n_features=d, itemsize=itemsize,
+                                          out_itemsize=out_itemsize, threads=threads, upcast=upcast)
+    peak = lambda bq, bt: sum(i.total for i in cost(bq, bt))
+    # Square blocks keep the GEMM efficient and the output chunks tidy; once one side
+    # holds all its rows, the other grows alone.
+    b = _largest(lambda b: peak(min(b, n_x), min(b, n_y)) <= budget, 1, max(n_x, n_y))
+    if b is None:
+        _too_small("distances", budget, peak(1, 1), "one query row against one train row")
+    bq, bt = min(b, n_x), min(b, n_y)
+    if bq == n_x and bt < n_y:
+        bt = _largest(lambda t: peak(bq, t) <= budget, bt, n_y)
+    elif bt == n_y and bq < n_x:
+        bq = _largest(lambda q: peak(q, bt) <= budget, bq, n_x)
+    params = {"query_rows": bq, "train_rows": bt,
+              "blocks": math.ceil(n_x / bq) * math.ceil(n_y / bt)}
+    return Plan("distances", budget, threads, params, cost(bq, bt),
+                {"n_x": n_x, "n_y": n_y, "n_features": d, "itemsize": itemsize})
+
+
+def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4):
+    n_q, n_t, d = (_positive(n, v) for n, v in (("n_query", n_query), ("n_train", n_train), ("n_features", n_features)))
+    k = _positive("k", k)
+
+    def cost(bq, bt):
+        return _cost_knn(bq, bt, n_features=d, itemsize=itemsize, k=k, threads=threads,
+                         n_train_blocks=math.ceil(n_t / bt))
+
+    peak = lambda bq, bt: sum(i.total for i in cost(bq, bt))
+    if peak(1, 1) > budget:
+        _too_small("knn", budget, peak(1, 1), "one query row against one train row")
+    # Reading the training set is the dominant I/O: keep every query in one block when
+    # that still leaves train blocks large enough for an efficient GEMM, so the
+    # training set is read exactly once.
+    min_bt = min(n_t, 256)
+    bq = _largest(lambda q: peak(q, min_bt) <= budget, 1, n_q)
+    if bq < n_q:
+        # Balance: square-ish blocks read the train set ceil(n_q / bq) times.
+        b = _largest(lambda b: peak(min(b, n_q), min(b, n_t)) <= budget, 1, max(n_q, n_t))
+        bq = min(b, n_q)
+    bt = _largest(lambda t: peak(bq, t) <= budget, 1, n_t)
+    # More train blocks than threads keeps both threads busy and the reads overlapped
+    # with the GEMMs, at no cost in memory.
+    bt = min(bt, max(min_bt, math.ceil(n_t / (4 * threads))))
+    params = {"query_rows": bq, "train_rows": bt,
+              "train_reads": math.ceil(n_q / bq)}
+    return Plan("knn", budget, threads, params, cost(bq, bt),
+                {"n_query": n_q, "n_train": n_t, "n_features": d, "k": k, "itemsize": itemsize})
+
+
+def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8):
+    n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
+
+    def cost(rows, group):
+        return _cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads)
+
+    peak = lambda rows, group: sum(i.total for i in cost(rows, group))
+    # Aim for row blocks of at least 1024 rows (GEMM efficiency); shrink the component
+    # group before the rows, the rows only when one component alone does not fit.
+    target = min(n, 1024)
+    group = _largest(lambda g: peak(target, g) <= budget, 1, K)
+    if group is None:
+        group = 1
+        if peak(1, 1) > budget:
+            _too_small("gmm", budget, peak(1, 1), "one row with one component")
+    rows = _largest(lambda r: peak(r, group) <= budget, 1, n)
+    # Enough blocks to keep every thread busy and the tree shallow.
+    rows = min(rows, max(target, math.ceil(n / (4 * threads))))
+    n_groups = math.ceil(K / group)
+    params = {"rows": rows, "component_group": group, "component_groups": n_groups,
+              "passes": 1 if n_groups == 1 else 2 * n_groups}
+    return Plan("gmm", budget, threads, params, cost(rows, group),
+                {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize})
+
+
+_PLANNERS = {"distances": _plan_distances, "knn": _plan_knn, "gmm": _plan_gmm}

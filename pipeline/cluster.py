@@ -1,0 +1,240 @@
+"""Where work runs: the threaded scheduler (default), a local cluster, or tcp://.
+
+The graph builders call :func:`compute`; it runs on a ``distributed.Client`` when one
+is current (the user's own, or the one :func:`connect` made), else on dask's threaded
+scheduler.  Either way it limits BLAS threads so that dask threads x BLAS threads <=
+cores (two levels of threads fighting for two cores make GEMMs several times slower),
+and shows a progress bar when asked to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+
+from .errors import InputError
+
+__all__ = ["compute", "connect", "dask_threads", "cores"]
+
+_state = {"progress": None, "client": None}
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _current_client():
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def dask_threads() -> int:
+    """Tasks that run at once in one process: per worker on a cluster, else dask's threads."""
+    client = _current_client()
+    if client is not None:
+        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+        threads = [w.get("nthreads", 1) for w in info.get("workers", {}).values()]
+        return max(threads) if threads else 1
+    import dask.config
+
+    return int(dask.config.get("num_workers", None) or cores())
+
+
+def _accepts_n_workers(client):
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _limit_malloc():
+    """Make glibc return freed blocks to the OS at once.
+
+    Blocks of a few MiB are otherwise kept in the heap for reuse after their first
+    free (glibc raises its mmap threshold dynamically), so the resident set stays at
+    its high-water mark plus fragmentation; a fixed threshold keeps it at what is live.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+
+
+def blas_threads_for(dask_threads_: int) -> int:
+    """BLAS threads per dask thread so that their product does not exceed the cores."""
+    return max(1, cores() // max(1, dask_threads_))
+
+
+def _set_blas_threads(n):
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
+    return n
+
+
+@contextlib.contextmanager
+def _blas_limited(n):
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def _progress_enabled():
+    p = _state["progress"]
+    if p is None:
+        return False
+    return bool(p)
+
+
+def compute(*collections, label=None, **kwargs):
+    """Compute dask collections on the active scheduler, BLAS-limited, with progress.
+
+    Parameters
+    ----------
+    *collections
+        Dask collections (or anything ``dask.compute`` takes).
+    label : str, optional
+        Shown next to the progress bar.
+
+    Returns
+    -------
+    tuple
+        One result per collection, as ``dask.compute`` returns them.
+    """
+    import dask
+
+    _limit_malloc()
+    client = _current_client()
+    if client is not None:
+        futures = client.compute(list(collections), **kwargs)
+        if _progress_enabled():
+            from distributed import progress
+
+            if label:
+                print(f"{label}:", file=sys.stderr, flush=True)
+            progress(futures)
+            print(file=sys.stderr, flush=True)
+        return tuple(client.gather(futures))
+    threads = dask_threads()
+    ctx = contextlib.ExitStack()
+    ctx.enter_context(_blas_limited(blas_threads_for(threads)))
+    ctx.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+    if _progress_enabled():
+        from dask.diagnostics import ProgressBar
+
+        if label:
+            print(f"{label}:", file=sys.stderr, flush=True)
+        ctx.enter_context(ProgressBar(out=sys.stderr, minimum=0.5))
+    with ctx:
+        return dask.compute(*collections, **kwargs)
+
+
+def _parse_scheduler(scheduler):
+    if scheduler in (None, "threads", "local") or str(scheduler).startswith(("tcp://", "tls://")):
+        return scheduler or "threads"
+    raise InputError(
+        f"--scheduler {scheduler!r} is not known; use 'threads' (default), 'local', or "
+        "an address such as tcp://127.0.0.1:8786"
+    )
+
+
+@contextlib.contextmanager
+def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
+            memory_budget=None, progress=None, timeout=10, dashboard_address=":8787", echo=print):
+    """Run the enclosed work on a scheduler.
+
+    Parameters
+    ----------
+    scheduler : {"threads", "local"} or str
+        ``"threads"``: dask's threaded scheduler in this process (no server).
+        ``"local"``: a ``distributed.LocalCluster`` of worker processes, each with a
+        memory limit of the budget plus its idle footprint; the dashboard link is
+        printed.  ``"tcp://HOST:PORT"``: an existing cluster.
+    workers, threads_per_worker : int, optional
+        For ``"threads"`` (threads only) and ``"local"``.  Default: all cores, with
+        one thread per worker process on ``local``.
+    memory_budget : int or str, optional
+        Budget per process / worker (see :func:`pipeline.budget.parse_budget`).
+    progress : bool, optional
+        Show progress bars; default: when stderr is a terminal.
+    timeout : float
+        Seconds to wait for a ``tcp://`` scheduler before giving up with an error.
+
+    Yields
+    ------
+    distributed.Client or None
+    """
+    import dask.config
+
+    scheduler = _parse_scheduler(scheduler)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    old = dict(_state)
+    _state["progress"] = progress
+    _limit_malloc()
+    try:
+        if scheduler == "threads":
+            n = threads_per_worker or workers or None
+            cfg = {"scheduler": "threads"}
+            if n:
+                cfg["num_workers"] = int(n)
+            with dask.config.set(cfg):
+                yield None
+            return
+        from distributed import Client, LocalCluster
+
+        if scheduler == "local":
+            from .budget import RUNTIME_OVERHEAD, parse_budget
+
+            n_workers = workers or cores()
+            tpw = threads_per_worker or max(1, cores() // n_workers)
+            # A worker's limit is its budget plus its own idle footprint (~150 MiB with
+            # numpy, dask, distributed and zarr imported).
+            limit = parse_budget(memory_budget) + RUNTIME_OVERHEAD + 150 * 2**20
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=tpw, processes=True,
+                                   memory_limit=limit, dashboard_address=dashboard_address)
+            with cluster, Client(cluster) as client:
+                _limit_workers_blas(client)
+                echo(f"dashboard: {client.dashboard_link}")
+                yield client
+            return
+        try:
+            client = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as e:
+            raise InputError(
+                f"cannot reach the scheduler at {scheduler} within {timeout:g} s ({e.__class__.__name__}); "
+                "start it with `dask scheduler` or check the address"
+            ) from None
+        with client:
+            _limit_workers_blas(client)
+            yield client
+    finally:
+        _state.update(old)
+
+
+def _worker_blas(dask_worker=None):
+    """Run on each worker: BLAS threads from the worker's own thread count."""
+    _limit_malloc()
+    return _set_blas_threads(blas_threads_for(dask_worker.state.nthreads))
+
+
+def _limit_workers_blas(client):
+    client.run(_worker_blas)

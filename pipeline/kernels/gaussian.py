@@ -1,0 +1,512 @@
+"""Gaussian-mixture kernels: pure NumPy on one row block (no dask, no I/O).
+
+The maths is scikit-learn's ``GaussianMixture(covariance_type="full")``
+(``sklearn/mixture/_gaussian_mixture.py``) rearranged so that one pass over a row
+block yields everything an EM iteration needs:
+
+* the E-step with the current parameters ``theta_t`` gives, per row, the weighted
+  log-probabilities, their log-sum-exp (summed: the lower bound) and the
+  responsibilities ``r``;
+* the M-step only needs sufficient statistics of ``r`` and the block, which add up
+  over blocks: ``N_k = sum r``, ``S1_k = sum r (x - s_k)`` and
+  ``S2_k = sum r (x - s_k)(x - s_k)^T`` around a shift ``s_k`` (the means of
+  ``theta_t``).  Accumulating around a shift close to the new mean keeps
+  ``cov = S2/N - (m - s)(m - s)^T`` from cancelling catastrophically, which the
+  textbook ``E[xx^T] - m m^T`` does when ``|m| >> sigma``.
+
+:func:`params_from_stats` turns the summed statistics into ``theta_{t+1}`` with
+scikit-learn's exact formulas (``nk += 10 * eps``, weights ``nk / sum(nk)``,
+``reg_covar`` on the diagonal).
+
+Everything is computed in float64: integer and float32 blocks are converted per
+block (scikit-learn keeps float32 in float32; our results equal scikit-learn's on
+``X.astype(np.float64)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "PRECISION_ERROR",
+    "compute_precision_cholesky",
+    "precision_cholesky_from_precisions",
+    "log_det_cholesky",
+    "prepare_parameters",
+    "estimate_log_gaussian_prob",
+    "weighted_log_prob",
+    "logsumexp_rows",
+    "em_block_stats",
+    "resp_block_stats",
+    "combine_stats",
+    "params_from_stats",
+    "mean_log_likelihood",
+]
+
+#: scikit-learn's message (``_compute_precision_cholesky``), word for word, so users
+#: searching for it find the same advice.
+PRECISION_ERROR = (
+    "Fitting the mixture model failed because some components have "
+    "ill-defined empirical covariance (for instance caused by singleton "
+    "or collapsed samples). Try to decrease the number of components, "
+    "increase reg_covar, or scale the input data."
+)
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _as_float64(X):
+    """A C-contiguous float64 view or copy of a block (ints and float32 convert)."""
+    return np.ascontiguousarray(X, dtype=np.float64)
+
+
+def compute_precision_cholesky(covariances):
+    """Upper-triangular Cholesky factors of the precision matrices.
+
+    ``P_k`` such that ``P_k @ P_k.T = inv(cov_k)``, computed as scikit-learn does:
+    ``cov_k = L L^T`` then ``P_k = inv(L)^T``.
+
+    Parameters
+    ----------
+    covariances : ndarray of shape (n_components, n_features, n_features)
+
+    Returns
+    -------
+    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+
+    Raises
+    ------
+    ValueError
+        When a covariance is not positive definite; the message is scikit-learn's
+        (decrease n_components, increase reg_covar or scale the data).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> compute_precision_cholesky(np.array([[[4.0, 0.0], [0.0, 1.0]]]))[0]
+    array([[0.5, 0. ],
+           [0. , 1. ]])
+    """
+    covariances = np.asarray(covariances, dtype=np.float64)
+    K, d, _ = covariances.shape
+    eye = np.eye(d)
+    out = np.empty_like(covariances)
+    for k in range(K):
+        try:
+            chol = np.linalg.cholesky(covariances[k])
+        except np.linalg.LinAlgError:
+            raise ValueError(PRECISION_ERROR) from None
+        if not np.all(np.isfinite(chol)):
+            raise ValueError(PRECISION_ERROR)
+        # A triangular solve in LAPACK terms; np.linalg.solve (LU) gives the same
+        # factor to rounding and keeps scipy out of the runtime dependencies.
+        out[k] = np.linalg.solve(chol, eye).T
+    return out
+
+
+def precision_cholesky_from_precisions(precisions):
+    """Cholesky factors from precision matrices (scikit-learn's ``precisions_init``).
+
+    scikit-learn reverses rows and columns, takes the lower Cholesky factor and
+    reverses back, giving the upper-triangular ``P`` with ``P P^T = precision``.
+
+    Parameters
+    ----------
+    precisions : ndarray of shape (n_components, n_features, n_features)
+
+    Returns
+    -------
+    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> precision_cholesky_from_precisions(np.array([[[4.0, 0.0], [0.0, 1.0]]]))[0]
+    array([[2., 0.],
+           [0., 1.]])
+    """
+    precisions = np.asarray(precisions, dtype=np.float64)
+    out = np.empty_like(precisions)
+    for k in range(precisions.shape[0]):
+        try:
+            chol = np.linalg.cholesky(precisions[k, ::-1, ::-1])
+        except np.linalg.LinAlgError:
+            raise ValueError(
+                "precisions_init must hold symmetric, positive-definite matrices; "
+                f"component {k} is not"
+            ) from None
+        out[k] = chol[::-1, ::-1]
+    return out
+
+
+def log_det_cholesky(precisions_cholesky):
+    """``log det P_k`` for triangular ``P_k``: the sum of the log of its diagonal.
+
+    Equals ``0.5 * log det(precision_k)``.
+
+    Parameters
+    ----------
+    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+
+    Returns
+    -------
+    log_det : ndarray of shape (n_components,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> log_det_cholesky(np.array([np.eye(3) * 2.0])).round(6)
+    array([2.079442])
+    """
+    P = np.asarray(precisions_cholesky, dtype=np.float64)
+    return np.log(np.diagonal(P, axis1=1, axis2=2)).sum(axis=1)
+
+
+def _group_bounds(n_components, component_group):
+    g = n_components if not component_group else max(1, min(int(component_group), n_components))
+    return [(a, min(a + g, n_components)) for a in range(0, n_components, g)]
+
+
+def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, component_group=None):
+    """Everything a block needs from one iteration's parameters, computed once.
+
+    The result is what the graph shares as one key: per component group the
+    concatenated factors ``[P_a ... P_b]`` of shape (d, g*d) (C-contiguous, so
+    ``X @ Pcat`` is one GEMM for the group), ``mu_k @ P_k`` concatenated, the
+    log-determinants and the log-weights.
+
+    Parameters
+    ----------
+    weights : ndarray of shape (n_components,)
+    means : ndarray of shape (n_components, n_features)
+    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+    shift : ndarray of shape (n_components, n_features), optional
+        Where the scatter statistics are accumulated around; default ``means``.
+    component_group : int, optional
+        Components per GEMM; bounds the (rows, group * n_features) temporary.
+
+    Returns
+    -------
+    dict
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = prepare_parameters(np.ones(2) / 2, np.zeros((2, 3)), np.array([np.eye(3)] * 2))
+    >>> p["groups"][0]["pcat"].shape
+    (3, 6)
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    means = np.ascontiguousarray(means, dtype=np.float64)
+    P = np.asarray(precisions_cholesky, dtype=np.float64)
+    K, d = means.shape
+    groups = []
+    for a, b in _group_bounds(K, component_group):
+        # pcat[:, j*d:(j+1)*d] = P_{a+j}: X @ pcat computes every X @ P_k of the group.
+        pcat = np.ascontiguousarray(P[a:b].transpose(1, 0, 2).reshape(d, (b - a) * d))
+        mup = np.einsum("kd,kde->ke", means[a:b], P[a:b]).reshape(-1)
+        groups.append({"start": a, "stop": b, "pcat": pcat, "mup": mup})
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(weights)
+    return {
+        "n_components": K,
+        "n_features": d,
+        "groups": groups,
+        "log_det": log_det_cholesky(P),
+        "log_weights": log_weights,
+        "shift": means.copy() if shift is None else np.ascontiguousarray(shift, dtype=np.float64),
+    }
+
+
+def _log_gaussian_prob_prepared(X, prepared, out=None):
+    """(rows, K) log N(x | mu_k, Sigma_k) from prepared parameters; X float64 C."""
+    n = X.shape[0]
+    K, d = prepared["n_components"], prepared["n_features"]
+    if out is None:
+        out = np.empty((n, K))
+    width = max(g["pcat"].shape[1] for g in prepared["groups"])
+    buf = np.empty((n, width))
+    for g in prepared["groups"]:
+        a, b = g["start"], g["stop"]
+        y = buf[:, : (b - a) * d]
+        np.matmul(X, g["pcat"], out=y)
+        # y_k = X P_k - mu_k P_k, in scikit-learn's order of operations.
+        y -= g["mup"]
+        y3 = y.reshape(n, b - a, d)
+        # Squared norm of each y_k without another (rows, g*d) temporary.
+        out[:, a:b] = np.einsum("ikd,ikd->ik", y3, y3)
+    out *= -0.5
+    out += prepared["log_det"] - 0.5 * d * _LOG_2PI
+    return out
+
+
+def estimate_log_gaussian_prob(X, means, precisions_cholesky, *, component_group=None):
+    """Log-density of each row under each Gaussian component.
+
+    Same values as scikit-learn's ``_estimate_log_gaussian_prob(..., "full")``, but
+    the per-component products ``X @ P_k`` are batched into one GEMM per component
+    group, ``X @ [P_1 ... P_g]`` of shape (d, g*d).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    means : ndarray of shape (n_components, n_features)
+    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+    component_group : int, optional
+        Components per GEMM (default: all); the temporary is (n_rows, group * d).
+
+    Returns
+    -------
+    log_prob : ndarray of shape (n_rows, n_components)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> estimate_log_gaussian_prob(np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1, 1))).round(6)
+    array([[-0.918939]])
+    """
+    K = np.shape(means)[0]
+    prepared = prepare_parameters(np.ones(K) / K, means, precisions_cholesky,
+                                  component_group=component_group)
+    return _log_gaussian_prob_prepared(_as_float64(X), prepared)
+
+
+def weighted_log_prob(X, prepared):
+    """``log N(x | k) + log w_k`` for a block, from :func:`prepare_parameters`.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    prepared : dict
+
+    Returns
+    -------
+    ndarray of shape (n_rows, n_components)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = prepare_parameters(np.ones(1), np.zeros((1, 1)), np.ones((1, 1, 1)))
+    >>> weighted_log_prob(np.zeros((1, 1)), p).round(6)
+    array([[-0.918939]])
+    """
+    out = _log_gaussian_prob_prepared(_as_float64(X), prepared)
+    out += prepared["log_weights"]
+    return out
+
+
+def logsumexp_rows(a):
+    """``log(sum(exp(a), axis=1))`` computed stably, as ``scipy.special.logsumexp``.
+
+    Parameters
+    ----------
+    a : ndarray of shape (n_rows, n_components)
+
+    Returns
+    -------
+    ndarray of shape (n_rows,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> logsumexp_rows(np.log(np.array([[1.0, 3.0]]))).round(6)
+    array([1.386294])
+    """
+    amax = a.max(axis=1)
+    # Rows whose every entry is -inf would give nan; scipy returns -inf for them.
+    amax[~np.isfinite(amax)] = 0.0
+    tmp = np.exp(a - amax[:, None])
+    with np.errstate(divide="ignore"):
+        return np.log(tmp.sum(axis=1)) + amax
+
+
+def resp_block_stats(X, resp, shift):
+    """Sufficient statistics of a block for given responsibilities.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    resp : ndarray of shape (n_rows, n_components)
+        Responsibilities (non-negative; rows need not sum to 1).
+    shift : ndarray of shape (n_components, n_features)
+        Centre of the scatter statistics.
+
+    Returns
+    -------
+    dict
+        ``N`` (K,), ``S1`` (K, d) ``= sum r (x - s_k)``, ``S2`` (K, d, d)
+        ``= sum r (x - s_k)(x - s_k)^T``, ``log_likelihood`` 0.0 and ``n`` rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = resp_block_stats(np.array([[1.0], [3.0]]), np.ones((2, 1)), np.zeros((1, 1)))
+    >>> s["N"], s["S1"], s["S2"]
+    (array([2.]), array([[4.]]), array([[[10.]]]))
+    """
+    X = _as_float64(X)
+    resp = np.asarray(resp, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    n, d = X.shape
+    K = resp.shape[1]
+    N = resp.sum(axis=0)
+    S1 = np.empty((K, d))
+    S2 = np.empty((K, d, d))
+    buf = np.empty((n, d))
+    sq = np.sqrt(resp)
+    for k in range(K):
+        if N[k] == 0.0:
+            # Nothing of this block belongs to k (hard assignments): skip the GEMM.
+            S1[k] = 0.0
+            S2[k] = 0.0
+            continue
+        # B = sqrt(r) (x - s_k); then S2 = B^T B (numpy calls syrk for A.T @ A,
+        # half the flops of the general GEMM) and S1 = sqrt(r)^T B.
+        np.subtract(X, shift[k], out=buf)
+        buf *= sq[:, k, None]
+        S2[k] = buf.T @ buf
+        S1[k] = sq[:, k] @ buf
+    return {"N": N, "S1": S1, "S2": S2, "log_likelihood": 0.0, "n": n}
+
+
+def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, shift=None,
+                   *, prepared=None, component_group=None):
+    """One row block's share of an EM iteration: E-step, then M-step statistics.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+        Any real dtype; converted to float64.
+    log_weights : ndarray of shape (n_components,)
+    means : ndarray of shape (n_components, n_features)
+    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+    shift : ndarray of shape (n_components, n_features), optional
+        Default ``means``.
+    prepared : dict, optional
+        From :func:`prepare_parameters`; replaces the four parameters above (the
+        graph passes this, computed once per iteration).
+    component_group : int, optional
+        Components per E-step GEMM.
+
+    Returns
+    -------
+    dict
+        ``N``, ``S1``, ``S2`` (see :func:`resp_block_stats`), ``log_likelihood``
+        (sum over rows of the log-sum-exp of the weighted log-probabilities) and
+        ``n``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[0.0], [2.0]])
+    >>> s = em_block_stats(X, np.log([1.0]), np.array([[1.0]]), np.ones((1, 1, 1)))
+    >>> s["N"], s["S2"], s["n"]
+    (array([2.]), array([[[2.]]]), 2)
+    """
+    if prepared is None:
+        prepared = prepare_parameters(np.exp(log_weights), means, precisions_cholesky,
+                                      shift=shift, component_group=component_group)
+    X = _as_float64(X)
+    logp = weighted_log_prob(X, prepared)
+    lse = logsumexp_rows(logp)
+    logp -= lse[:, None]
+    np.exp(logp, out=logp)
+    stats = resp_block_stats(X, logp, prepared["shift"])
+    stats["log_likelihood"] = float(lse.sum())
+    return stats
+
+
+def combine_stats(parts):
+    """Sum the statistics of several blocks (associative: any tree gives the same).
+
+    Parameters
+    ----------
+    parts : sequence of dict
+        Outputs of :func:`em_block_stats` / :func:`resp_block_stats` or of this
+        function, with the same shift.
+
+    Returns
+    -------
+    dict
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = {"N": np.ones(1), "S1": np.ones((1, 1)), "S2": np.ones((1, 1, 1)), "log_likelihood": -1.0, "n": 1}
+    >>> combine_stats([a, a])["n"]
+    2
+    """
+    parts = list(parts)
+    out = {key: (np.array(parts[0][key], copy=True) if isinstance(parts[0][key], np.ndarray)
+                 else parts[0][key]) for key in ("N", "S1", "S2", "log_likelihood", "n")}
+    for p in parts[1:]:
+        out["N"] += p["N"]
+        out["S1"] += p["S1"]
+        out["S2"] += p["S2"]
+        out["log_likelihood"] += p["log_likelihood"]
+        out["n"] += p["n"]
+    return out
+
+
+def mean_log_likelihood(stats):
+    """The lower bound scikit-learn reports: the mean log-sum-exp of the E-step.
+
+    Examples
+    --------
+    >>> mean_log_likelihood({"log_likelihood": -6.0, "n": 3})
+    -2.0
+    """
+    return stats["log_likelihood"] / stats["n"]
+
+
+def params_from_stats(stats, shift, reg_covar, *, n_samples=None):
+    """The M-step: weights, means and covariances from summed statistics.
+
+    scikit-learn's ``_estimate_gaussian_parameters`` with full covariances:
+    ``nk = N + 10 eps``, ``means = sum r x / nk``,
+    ``cov = sum r (x - m)(x - m)^T / nk + reg_covar I`` and ``weights = nk / sum(nk)``
+    (or ``nk / n_samples`` when ``n_samples`` is given, as scikit-learn's
+    initialisation from responsibilities does).  The scatter around the new mean
+    comes from the shifted statistics with ``delta = m - s``:
+    ``S2 - S1 delta^T - delta S1^T + N delta delta^T``.
+
+    Parameters
+    ----------
+    stats : dict
+        Summed statistics (:func:`combine_stats`).
+    shift : ndarray of shape (n_components, n_features)
+        The shift the statistics were accumulated around.
+    reg_covar : float
+    n_samples : int, optional
+
+    Returns
+    -------
+    weights : ndarray of shape (n_components,)
+    means : ndarray of shape (n_components, n_features)
+    covariances : ndarray of shape (n_components, n_features, n_features)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[1.0], [3.0]])
+    >>> s = resp_block_stats(X, np.ones((2, 1)), np.zeros((1, 1)))
+    >>> w, m, c = params_from_stats(s, np.zeros((1, 1)), 0.0)
+    >>> w, m.round(12), c.round(12)
+    (array([1.]), array([[2.]]), array([[[1.]]]))
+    """
+    shift = np.asarray(shift, dtype=np.float64)
+    N = np.asarray(stats["N"], dtype=np.float64)
+    S1, S2 = stats["S1"], stats["S2"]
+    nk = N + 10 * np.finfo(np.float64).eps
+    # sum r x = S1 + N s.
+    means = (S1 + N[:, None] * shift) / nk[:, None]
+    delta = means - shift
+    cross = S1[:, :, None] * delta[:, None, :]
+    scatter = S2 - cross - cross.transpose(0, 2, 1) + N[:, None, None] * (delta[:, :, None] * delta[:, None, :])
+    covariances = scatter / nk[:, None, None]
+    d = means.shape[1]
+    covariances[:, np.arange(d), np.arange(d)] += reg_covar
+    weights = nk / (nk.sum() if n_samples is None else n_samples)
+    return weights, means, covariances

@@ -1,0 +1,771 @@
+"""Datasets and results on Zarr: open, write, ingest, generate.
+
+A *dataset* is a Zarr v3 group holding ``X`` (n_samples, n_features), chunked by rows
+only, and optionally ``y`` (n_samples,) integer labels with the same row chunks; its
+attribute ``pipeline`` is ``{"format": 1, "kind": "dataset", "complete": true, ...}``.
+A *result* is a group of the same kind with ``kind`` one of ``distances``,
+``neighbors``, ``gmm``; it is marked ``complete`` only after its last chunk is written.
+
+Everything here writes chunk by chunk through dask (one task per chunk, task keys
+``pipeline-<op>-<stage>``), so generating or ingesting data larger than memory costs
+one block per thread, and every Zarr chunk written is exactly one dask chunk (dask
+writes to misaligned chunks race and corrupt data, dask#12583).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, InputError
+
+__all__ = [
+    "Dataset", "open_dataset", "write_dataset", "ingest", "make_blobs", "make_cifar_like",
+    "as_array", "as_labels", "FORMAT",
+]
+
+FORMAT = 1
+_FLOAT = (np.float32, np.float64)
+# Compressed chunks must save at least this much to be worth their decode time
+# (zstd decodes ~500 MB/s here; an uncompressed read is about twice as fast).
+_COMPRESSION_PAYS = 0.8
+_DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+# --------------------------------------------------------------------------- URLs
+
+def _url(url) -> str:
+    if isinstance(url, Path):
+        return str(url)
+    if not isinstance(url, str) or not url:
+        raise InputError(f"expected a dataset path or URL, got {url!r}")
+    return url
+
+
+def _fs(url):
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _exists(url) -> bool:
+    if "://" not in url:
+        return os.path.exists(url)
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def _remove(url):
+    if "://" not in url:
+        import shutil
+
+        if os.path.isdir(url):
+            shutil.rmtree(url)
+        elif os.path.exists(url):
+            os.remove(url)
+        return
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _open_group(url, what="dataset"):
+    """Open an existing group read-only, with one clear error for each way it is not."""
+    import zarr
+    import zarr.errors
+
+    if not _exists(url):
+        raise InputError(f"{what} {url!r} does not exist; check the path or create it first")
+    try:
+        node = zarr.open(store=url, mode="r")
+    except (zarr.errors.NodeTypeValidationError, FileNotFoundError, KeyError, ValueError) as e:
+        raise InputError(f"{what} {url!r} is not a Zarr group ({e}); pass a dataset written by pipeline") from None
+    if not isinstance(node, zarr.Group):
+        raise InputError(
+            f"{what} {url!r} is a Zarr array, not a dataset group; pass the group that "
+            "holds it (e.g. the parent path), or create one with `pipeline ingest`"
+        )
+    return node
+
+
+def _check_safe(arr, where):
+    """Refuse object dtypes and pickle-based codecs unread: decoding them could run code."""
+    dtype = arr.dtype
+    meta = json.dumps(arr.metadata.to_dict(), default=str).lower()
+    if getattr(dtype, "kind", "O") == "O" or "pickle" in meta or '"|o"' in meta:
+        raise InputError(
+            f"{where} has an object dtype or a pickle-based codec; pipeline refuses to "
+            "decode it (it could run code); rewrite it as a numeric array"
+        )
+
+
+# ------------------------------------------------------------------------ Dataset
+
+@dataclass(frozen=True)
+class Dataset:
+    """An opened dataset: lazy ``X`` (and ``y``) read chunk by chunk from Zarr.
+
+    Attributes
+    ----------
+    url : str
+    X : dask.array.Array of shape (n_samples, n_features)
+        In the stored dtype (integer images stay integer; kernels convert per block).
+    y : dask.array.Array of shape (n_samples,) or None
+    attrs : dict
+        The group's ``pipeline`` attribute.
+    """
+
+    url: str
+    X: object
+    y: object
+    attrs: dict
+    X_zarr: object
+    y_zarr: object
+
+    @property
+    def n_samples(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.X.shape[1]
+
+    def __repr__(self):
+        y = f", y {self.y.dtype}" if self.y is not None else ""
+        return (f"Dataset({self.url!r}, X {self.X.shape} {self.X.dtype} in chunks of "
+                f"{self.X_zarr.chunks[0]} rows{y})")
+
+
+def open_dataset(url) -> Dataset:
+    """Open a dataset group.
+
+    Parameters
+    ----------
+    url : str or Path
+        A local path or an fsspec URL (``memory://``, ``s3://`` ...).
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    InputError
+        If nothing is there, it is not a dataset group, it is incomplete, or its
+        arrays are not numeric.
+
+    Examples
+    --------
+    >>> ds = open_dataset("memory://doc/blobs")          # doctest: +SKIP
+    >>> ds.X.shape                                       # doctest: +SKIP
+    (1000, 8)
+    """
+    import dask.array as da
+
+    url = _url(url)
+    g = _open_group(url)
+    attrs = dict(g.attrs.get("pipeline", {}))
+    if attrs.get("kind", "dataset") != "dataset":
+        raise InputError(f"{url!r} holds a {attrs['kind']} result, not a dataset")
+    if "X" not in g:
+        raise InputError(f"{url!r} has no array 'X'; a dataset group holds X (and optionally y)")
+    X = g["X"]
+    _check_safe(X, f"array 'X' of {url!r}")
+    if X.ndim != 2 or not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise InputError(f"array 'X' of {url!r} must be 2-D numeric, got {X.ndim}-D {X.dtype}")
+    if attrs and not attrs.get("complete", False):
+        raise InputError(
+            f"dataset {url!r} is incomplete (its writing was interrupted); write it again "
+            "with --overwrite"
+        )
+    y = yz = None
+    if "y" in g:
+        yz = g["y"]
+        _check_safe(yz, f"array 'y' of {url!r}")
+        if yz.shape != (X.shape[0],):
+            raise InputError(f"labels 'y' of {url!r} have shape {yz.shape}; expected ({X.shape[0]},)")
+        y = da.from_zarr(yz)
+    return Dataset(url, da.from_zarr(X), y, attrs, X, yz)
+
+
+def _zarr_rows(arr, rows=None):
+    import dask.array as da
+
+    rows = rows or arr.chunks[0]
+    return da.from_zarr(arr, chunks=(min(rows, max(arr.shape[0], 1)),) + tuple(arr.shape[1:]))
+
+
+def as_array(X, name="X", rows=None):
+    """Return ``X`` as a 2-D dask array chunked by rows only.
+
+    Parameters
+    ----------
+    X : ndarray, dask array, zarr.Array, Dataset, str or Path
+        A dataset URL or path opens its ``X``.
+    name : str
+        Used in error messages.
+    rows : int, optional
+        Rows per chunk.  Zarr-backed data are read straight into chunks of this size
+        (no rechunk layer, so reading fuses into the task that uses the block).
+
+    Raises
+    ------
+    InputError
+        If ``X`` is not 2-D numeric, is empty, or cannot be opened.
+    """
+    import dask.array as da
+    import zarr
+
+    if isinstance(X, (str, Path)):
+        X = open_dataset(X)
+    if isinstance(X, Dataset):
+        X = X.X_zarr
+    if isinstance(X, zarr.Array):
+        _check_safe(X, name)
+        arr = _zarr_rows(X, rows)
+    elif isinstance(X, da.Array):
+        arr = X
+    else:
+        try:
+            X = np.asarray(X)
+        except Exception as e:  # noqa: BLE001 - anything unconvertible is bad input
+            raise InputError(f"{name} cannot be read as an array: {e}") from None
+        if X.ndim == 2:
+            arr = da.from_array(X, chunks=(rows or max(1, X.shape[0]), X.shape[1]))
+        else:
+            arr = X
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {arr.shape}); it needs at least one row and one feature")
+    if len(arr.chunks[1]) != 1:
+        arr = arr.rechunk({1: arr.shape[1]})
+    if rows is not None and arr.chunks[0][0] != rows and not isinstance(X, zarr.Array):
+        arr = arr.rechunk({0: rows})
+    return arr
+
+
+def as_labels(y, n, name="y"):
+    """Return labels as a 1-D NumPy integer array of length ``n``.
+
+    Labels are small (8 bytes a row), so they are held in memory.
+    """
+    import dask.array as da
+
+    if isinstance(y, (str, Path)):
+        ds = open_dataset(y)
+        if ds.y is None:
+            raise InputError(f"dataset {ds.url!r} has no labels 'y'")
+        y = ds.y
+    if isinstance(y, Dataset):
+        if y.y is None:
+            raise InputError(f"dataset {y.url!r} has no labels 'y'")
+        y = y.y
+    if isinstance(y, da.Array):
+        y = y.compute()
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise InputError(f"{name} has shape {y.shape}; expected ({n},), one label per row of X")
+    return y
+
+
+# ------------------------------------------------------------------------ writing
+
+def _choose_chunk_rows(n_rows, row_bytes, chunk_rows=None, memory_budget=None, threads=None):
+    if chunk_rows is not None:
+        if int(chunk_rows) != chunk_rows or chunk_rows < 1:
+            raise InputError(f"chunk_rows={chunk_rows!r} must be a whole number >= 1")
+        return int(min(chunk_rows, max(n_rows, 1)))
+    rows = max(1, _DEFAULT_CHUNK_BYTES // max(row_bytes, 1))
+    if memory_budget is not None:
+        from .budget import RUNTIME_OVERHEAD, format_bytes, parse_budget
+        from .cluster import dask_threads
+        from .errors import BudgetError
+
+        budget = parse_budget(memory_budget)
+        threads = threads or dask_threads()
+        # Each writing task holds its source copy, the converted block and the
+        # encoded chunk: three block-sized buffers.
+        per_row = 3 * row_bytes * threads
+        fit = (budget - RUNTIME_OVERHEAD) // per_row
+        if fit < 1:
+            need = RUNTIME_OVERHEAD + per_row
+            raise BudgetError(
+                f"memory budget {format_bytes(budget)} is too small to write one row of "
+                f"{format_bytes(row_bytes)} with {threads} thread(s); give at least "
+                f"--memory-budget {math.ceil(need / 2**20)}MiB"
+            )
+        rows = min(rows, int(fit))
+    return int(min(rows, max(n_rows, 1)))
+
+
+def _compressors(sample, compressor):
+    """Zstd where it pays on a sample block, else none ("auto")."""
+    import zarr.codecs
+
+    if compressor in (None, "none", False):
+        return None
+    if compressor == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    if compressor != "auto":
+        raise InputError(f"compressor={compressor!r}; choose 'auto', 'zstd' or 'none'")
+    from numcodecs import Zstd
+
+    raw = np.ascontiguousarray(sample)
+    if raw.nbytes == 0:
+        return None
+    ratio = len(Zstd(level=1).encode(raw)) / raw.nbytes
+    return zarr.codecs.ZstdCodec(level=1) if ratio <= _COMPRESSION_PAYS else None
+
+
+def _prepare_output(url, overwrite, what="output"):
+    url = _url(url)
+    if _exists(url):
+        if not overwrite:
+            raise InputError(
+                f"{what} {url!r} already exists; pass --overwrite (overwrite=True) to "
+                "replace it or choose another path"
+            )
+        _remove(url)
+    return url
+
+
+def _create_group(url, attrs):
+    import zarr
+
+    g = zarr.open_group(store=url, mode="w", zarr_format=3)
+    g.attrs["pipeline"] = attrs
+    return g
+
+
+def _now():
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_block(block, target, block_info=None):
+    loc = block_info[0]["array-location"]
+    target[tuple(slice(a, b) for a, b in loc)] = block
+    return np.zeros((1,) * block.ndim, dtype=np.int8)
+
+
+def store_array(darr, target, label):
+    """A lazy write of ``darr`` into the Zarr array ``target`` (same shape).
+
+    One task per chunk, named ``pipeline-<label>``; the dask chunks must coincide with
+    the Zarr chunks (checked), so no two tasks ever write to one Zarr chunk.
+    """
+    for dim, (chunks, zc) in enumerate(zip(darr.chunks, target.chunks)):
+        if any(c != zc for c in chunks[:-1]) or chunks[-1] > zc:
+            raise ValueError(f"dask chunks {darr.chunks} are not aligned with Zarr chunks {target.chunks} on axis {dim}")
+    return darr.map_blocks(
+        _write_block, target, dtype=np.int8, chunks=tuple((1,) * len(c) for c in darr.chunks),
+        token=f"pipeline-{label}",
+    )
+
+
+def _write_group(url, arrays, attrs, label, overwrite, compressor="auto", progress_label=None):
+    """Write dask arrays into a new group, marking it complete only at the end.
+
+    ``arrays`` maps a name to (dask array, sample ndarray or None).
+    """
+    from .cluster import compute
+
+    url = _prepare_output(url, overwrite)
+    g = _create_group(url, {**attrs, "complete": False})
+    writes = []
+    for name, (darr, sample) in arrays.items():
+        comp = _compressors(sample, compressor) if sample is not None else None
+        target = g.create_array(
+            name, shape=darr.shape, dtype=darr.dtype,
+            chunks=tuple(c[0] for c in darr.chunks), compressors=comp,
+        )
+        writes.append(store_array(darr, target, f"{label}-{name}"))
+    compute(*writes, label=progress_label or label)
+    g.attrs["pipeline"] = {**attrs, "complete": True}
+    return g
+
+
+def _dataset_attrs(X, source, **extra):
+    return {"format": FORMAT, "kind": "dataset", "n_samples": int(X.shape[0]),
+            "n_features": int(X.shape[1]), "dtype": str(X.dtype), "source": source,
+            "created": _now(), **extra}
+
+
+def write_dataset(url, X, y=None, chunk_rows=None, overwrite=False, compressor="auto",
+                  memory_budget=None):
+    """Write ``X`` (and labels ``y``) as a dataset group.
+
+    Parameters
+    ----------
+    url : str or Path
+        Where to write (local path or fsspec URL).
+    X : array-like of shape (n_samples, n_features)
+        NumPy, dask or Zarr array; float or integer.
+    y : array-like of shape (n_samples,), optional
+        Integer labels.
+    chunk_rows : int, optional
+        Rows per chunk; default about 32 MiB a chunk (less if ``memory_budget`` asks).
+    overwrite : bool
+        Replace whatever is at ``url``.
+    compressor : {"auto", "zstd", "none"}
+        ``"auto"`` keeps zstd only where it saves 20% or more on a sample chunk.
+
+    Returns
+    -------
+    Dataset
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ds = write_dataset("memory://doc/tiny", np.eye(4, dtype="float32"), y=[0, 1, 0, 1])
+    >>> ds.X.shape, ds.y.compute().tolist()
+    ((4, 4), [0, 1, 0, 1])
+    """
+    import dask.array as da
+
+    X = as_array(X)
+    if not (np.issubdtype(X.dtype, np.floating) or X.dtype.kind in "ui"):
+        raise InputError(f"X must be float or integer, got {X.dtype}")
+    rows = _choose_chunk_rows(X.shape[0], X.shape[1] * X.dtype.itemsize, chunk_rows, memory_budget)
+    X = X.rechunk({0: rows, 1: -1})
+    arrays = {"X": (X, X.blocks[0].compute())}
+    if y is not None:
+        yv = as_labels(y, X.shape[0])
+        if not np.issubdtype(yv.dtype, np.integer):
+            if np.all(np.isfinite(yv)) and np.all(yv == np.round(yv)):
+                yv = yv.astype(np.int64)
+            else:
+                raise InputError(f"labels y must be integers, got {yv.dtype}")
+        arrays["y"] = (da.from_array(yv, chunks=rows), None)
+    _write_group(url, arrays, _dataset_attrs(X, "write_dataset"), "write", overwrite, compressor)
+    return open_dataset(url)
+
+
+# ------------------------------------------------------------------------- ingest
+
+def _npy_header(path):
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+        except Exception as e:  # noqa: BLE001 - any header failure is bad input
+            raise InputError(f"{path!r} is not a readable .npy file ({e})") from None
+        return shape, fortran, dtype, f.tell()
+
+
+def _read_npy_rows(path, shape, fortran, dtype, offset, start, stop):
+    """Copy rows [start, stop) out of a memory-mapped .npy and unmap it.
+
+    Unmapping at once keeps the file's pages out of this process's resident set, so
+    streaming a file larger than memory costs one block, not the file.
+    """
+    n, d = shape
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        src = np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset, order="F" if fortran else "C")
+        block = np.array(src[start:stop], order="C")
+        del src
+    return block
+
+
+def _ingest_block(path, shape, fortran, dtype, offset, block_info=None):
+    (start, stop), _ = block_info[None]["array-location"]
+    return _read_npy_rows(path, shape, fortran, dtype, offset, start, stop)
+
+
+def ingest(src_npy, url, labels=None, chunk_rows=None, overwrite=False, compressor="auto",
+           memory_budget=None):
+    """Stream a ``.npy`` file into a dataset, one row block at a time.
+
+    The file is memory-mapped per block and unmapped after each copy, so it is never
+    held whole: the process's memory grows by a few blocks, not by the file.
+
+    Parameters
+    ----------
+    src_npy : str or Path
+        A 2-D ``.npy`` file (C or Fortran order), float or integer.
+    url : str or Path
+        The dataset to write.
+    labels : str, Path or array-like, optional
+        A 1-D ``.npy`` of integer labels (or an array), one per row.
+    chunk_rows, overwrite, compressor, memory_budget
+        As in :func:`write_dataset`; the budget bounds the blocks in flight.
+
+    Returns
+    -------
+    Dataset
+    """
+    import dask.array as da
+
+    path = os.fspath(src_npy)
+    if not os.path.isfile(path):
+        raise InputError(f"input {path!r} does not exist; give the path of a .npy file")
+    shape, fortran, dtype, offset = _npy_header(path)
+    if len(shape) != 2:
+        raise InputError(f"{path!r} holds a {len(shape)}-D array of shape {shape}; ingest needs 2-D (n_samples, n_features)")
+    if dtype.kind not in "fiu" or dtype.hasobject:
+        raise InputError(f"{path!r} has dtype {dtype}; ingest needs float or integer data")
+    if 0 in shape:
+        raise InputError(f"{path!r} is empty (shape {shape})")
+    rows = _choose_chunk_rows(shape[0], shape[1] * dtype.itemsize, chunk_rows, memory_budget)
+    X = da.map_blocks(
+        _ingest_block, path, shape, fortran, dtype, offset,
+        chunks=(tuple(min(rows, shape[0] - s) for s in range(0, shape[0], rows)), (shape[1],)),
+        dtype=dtype, token="pipeline-ingest-read", meta=np.empty((0, 0), dtype),
+    )
+    sample = _read_npy_rows(path, shape, fortran, dtype, offset, 0, min(rows, shape[0], 4096))
+    arrays = {"X": (X, sample)}
+    if labels is not None:
+        if isinstance(labels, (str, Path)):
+            lpath = os.fspath(labels)
+            if not os.path.isfile(lpath):
+                raise InputError(f"labels {lpath!r} do not exist; give the path of a 1-D .npy file")
+            labels = np.load(lpath, mmap_mode="r")
+        yv = as_labels(labels, shape[0], name="labels")
+        if not np.issubdtype(yv.dtype, np.integer):
+            raise InputError(f"labels must be integers, got {yv.dtype}")
+        arrays["y"] = (da.from_array(np.asarray(yv), chunks=rows), None)
+    attrs = _dataset_attrs(X, f"ingest:{os.path.abspath(path)}")
+    _write_group(url, arrays, attrs, "ingest", overwrite, compressor)
+    return open_dataset(url)
+
+
+# --------------------------------------------------------------------- generators
+
+def _block_rng(seed, block_index):
+    # One independent stream per block: the data do not depend on the chunking's
+    # schedule, only on (seed, chunk_rows).
+    return np.random.default_rng(np.random.SeedSequence([seed, block_index]))
+
+
+def _blobs_block(centers, labels_of, seed, std, dtype, block_info=None):
+    i = block_info[None]["chunk-location"][0]
+    (start, stop), _ = block_info[None]["array-location"]
+    rng = _block_rng(seed, i)
+    lab = labels_of(start, stop, len(centers), seed)
+    X = rng.standard_normal((stop - start, centers.shape[1]), dtype=np.float64)
+    X *= std
+    X += centers[lab]
+    return X.astype(dtype, copy=False)
+
+
+def _labels_of(start, stop, n_centers, seed):
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2**31, start]))
+    return rng.integers(0, n_centers, size=stop - start)
+
+
+def _label_block(n_centers, seed, block_info=None):
+    (start, stop), = block_info[None]["array-location"]
+    return _labels_of(start, stop, n_centers, seed)
+
+
+def _generated(url, n_samples, n_features, dtype, chunk_rows, memory_budget, make_X,
+               n_centers, seed, attrs, overwrite, compressor):
+    import dask.array as da
+
+    rows = _choose_chunk_rows(n_samples, n_features * np.dtype(dtype).itemsize, chunk_rows, memory_budget)
+    chunks0 = tuple(min(rows, n_samples - s) for s in range(0, n_samples, rows))
+    X = da.map_blocks(make_X, chunks=(chunks0, (n_features,)), dtype=dtype,
+                      token="pipeline-generate-X", meta=np.empty((0, 0), dtype))
+    y = da.map_blocks(_label_block, n_centers, seed, chunks=(chunks0,), dtype=np.int64,
+                      token="pipeline-generate-y", meta=np.empty((0,), np.int64))
+    sample = X.blocks[0].compute()
+    _write_group(url, {"X": (X, sample), "y": (y, None)}, attrs, "generate", overwrite, compressor)
+    return open_dataset(url)
+
+
+def _check_shape(n_samples, n_features, dtype, dtypes):
+    for name, v in (("n_samples", n_samples), ("n_features", n_features)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise InputError(f"{name}={v!r} must be a whole number >= 1")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in dtypes:
+        raise InputError(f"dtype={dtype!r}; choose one of {', '.join(dtypes)}")
+    return int(n_samples), int(n_features), dt
+
+
+def make_blobs(url, n_samples, n_features, centers=8, dtype="float32", random_state=0,
+               cluster_std=1.0, center_box=(-10.0, 10.0), chunk_rows=None, overwrite=False,
+               compressor="auto", memory_budget=None):
+    """Generate isotropic Gaussian blobs straight to Zarr, chunk by chunk.
+
+    Like :func:`sklearn.datasets.make_blobs`, but never holding more than a block per
+    thread, so datasets larger than memory can be generated.  Labels ``y`` are the
+    blob of each row.
+
+    Parameters
+    ----------
+    url : str or Path
+    n_samples, n_features : int
+    centers : int
+        Number of blobs; their centres are uniform in ``center_box``.
+    dtype : {"float32", "float64"}
+    random_state : int
+        The data depend only on ``(random_state, chunk_rows)``.
+
+    Returns
+    -------
+    Dataset
+
+    Examples
+    --------
+    >>> ds = make_blobs("memory://doc/blobs", 1000, 8, centers=3)
+    >>> ds.X.shape, ds.X.dtype.name
+    ((1000, 8), 'float32')
+    """
+    n_samples, n_features, dt = _check_shape(n_samples, n_features, dtype, ("float32", "float64"))
+    if isinstance(centers, bool) or int(centers) != centers or centers < 1:
+        raise InputError(f"centers={centers!r} must be a whole number >= 1")
+    seed = int(random_state or 0)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2**32 - 1]))
+    C = rng.uniform(center_box[0], center_box[1], size=(int(centers), n_features))
+
+    def make_X(block_info=None):
+        return _blobs_block(C, _labels_of, seed, cluster_std, dt, block_info)
+
+    attrs = _dataset_attrs(_Shape(n_samples, n_features, dt), "make_blobs",
+                           generator={"centers": int(centers), "random_state": seed,
+                                      "cluster_std": cluster_std})
+    return _generated(url, n_samples, n_features, dt, chunk_rows, memory_budget, make_X,
+                      int(centers), seed, attrs, overwrite, compressor)
+
+
+def _cifar_templates(n_classes, side, channels, seed):
+    """Smooth class templates (low-frequency patterns) in [40, 215]."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    u = np.linspace(0, 1, side)
+    yy, xx = np.meshgrid(u, u, indexing="ij")
+    T = np.empty((n_classes, side, side, channels))
+    for c in range(n_classes):
+        for ch in range(channels):
+            fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+            T[c, :, :, ch] = np.sin(2 * np.pi * (fx * xx + fy * yy) + ph)
+    return (127.5 + 87.5 * T).reshape(n_classes, -1)
+
+
+def make_cifar_like(url, n_samples, n_features=3072, n_classes=10, random_state=0,
+                    noise=60.0, class_seed=0, chunk_rows=None, overwrite=False,
+                    compressor="auto", memory_budget=None):
+    """Generate CIFAR-10-shaped images: uint8 rows of 32x32x3 pixels with labels.
+
+    Each class is a smooth colour pattern; every image is its class pattern plus
+    Gaussian pixel noise, clipped to 0..255.  Stored as uint8, as CIFAR-10 ships, and
+    converted to float per block by the operations that read it.  ``class_seed`` fixes
+    the class patterns, ``random_state`` the images: a training and a test set share
+    the first and differ in the second.
+
+    Examples
+    --------
+    >>> ds = make_cifar_like("memory://doc/cifar", 100)
+    >>> ds.X.dtype.name, ds.X.shape
+    ('uint8', (100, 3072))
+    """
+    n_samples, n_features, _ = _check_shape(n_samples, n_features, "uint8", ("uint8",))
+    side = int(round(math.sqrt(n_features / 3)))
+    channels = 3 if side * side * 3 == n_features else 1
+    if channels == 1:
+        side = int(round(math.sqrt(n_features)))
+        if side * side != n_features:
+            side, channels = n_features, 1
+    seed = int(random_state or 0)
+    if side * side * channels == n_features:
+        T = _cifar_templates(n_classes, side, channels, int(class_seed))
+    else:  # not an image shape: plain per-class patterns
+        T = 127.5 + 87.5 * np.sin(np.outer(np.arange(1, n_classes + 1), np.linspace(0, 6, n_features)))
+
+    def make_X(block_info=None):
+        X = _blobs_block(T, _labels_of, seed, noise, np.float64, block_info)
+        np.clip(X, 0, 255, out=X)
+        return np.rint(X).astype(np.uint8)
+
+    attrs = _dataset_attrs(_Shape(n_samples, n_features, np.dtype(np.uint8)), "make_cifar_like",
+                           generator={"n_classes": int(n_classes), "random_state": seed, "noise": noise,
+                                      "class_seed": int(class_seed)})
+    return _generated(url, n_samples, n_features, np.uint8, chunk_rows, memory_budget, make_X,
+                      int(n_classes), seed, attrs, overwrite, compressor)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    n: int
+    d: int
+    dtype: np.dtype
+
+    @property
+    def shape(self):
+        return (self.n, self.d)
+
+
+# ------------------------------------------------------------------------ results
+
+def job_fingerprint(**params) -> str:
+    """A stable text of a job's parameters, stored with its result to recognise reruns."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def open_result_for_write(url, kind, job, overwrite=False):
+    """Create a result group for ``kind``, or report that the same job already finished.
+
+    Returns
+    -------
+    (group or None, status)
+        ``status`` is ``"new"`` (a fresh incomplete group is returned) or
+        ``"complete"`` (the same job's complete result is already there; group is the
+        opened result, read-only).
+
+    Raises
+    ------
+    InputError
+        If ``url`` holds anything else and ``overwrite`` is false.
+    """
+    import zarr
+
+    url = _url(url)
+    if _exists(url) and not overwrite:
+        try:
+            g = zarr.open_group(store=url, mode="r")
+            attrs = dict(g.attrs.get("pipeline", {}))
+        except Exception:  # noqa: BLE001 - anything unreadable is "something else"
+            attrs = {}
+        if attrs.get("kind") == kind and attrs.get("job") == job and attrs.get("complete"):
+            return g, "complete"
+        raise InputError(
+            f"output {url!r} already exists and holds another result; pass --overwrite "
+            "(overwrite=True) to replace it or choose another path"
+        )
+    _prepare_output(url, overwrite=True)
+    g = _create_group(url, {"format": FORMAT, "kind": kind, "job": job, "complete": False,
+                            "created": _now()})
+    return g, "new"
+
+
+def mark_complete(group, **attrs):
+    """Mark a result complete (last step of every writer), adding ``attrs``."""
+    meta = dict(group.attrs["pipeline"])
+    meta.update(attrs, complete=True, finished=_now())
+    group.attrs["pipeline"] = meta
+
+
+def open_result(url, kind=None):
+    """Open a complete result group; refuse an incomplete one."""
+    url = _url(url)
+    g = _open_group(url, what="result")
+    attrs = dict(g.attrs.get("pipeline", {}))
+    if kind is not None and attrs.get("kind") != kind:
+        raise InputError(f"{url!r} holds {attrs.get('kind', 'no pipeline result')!r}, not a {kind} result")
+    if not attrs.get("complete"):
+        raise DataError(f"result {url!r} is incomplete; rerun the command that writes it")
+    return g
