@@ -1,0 +1,198 @@
+"""Gaussian-mixture and k-means kernels against independent references.
+
+References: ``scipy.stats.multivariate_normal.logpdf``, scikit-learn's private GMM
+functions (``_estimate_gaussian_parameters``, ``_compute_precision_cholesky``,
+``_estimate_log_gaussian_prob``) and plain NumPy loops.
+"""
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from sklearn.mixture import _gaussian_mixture as skgm
+
+from pipeline.kernels import gaussian as g
+from pipeline.kernels import kmeans as km
+
+
+def _random_spd(rng, K, d, scale=1.0):
+    A = rng.standard_normal((K, d, d))
+    return scale * (A @ A.transpose(0, 2, 1) / d + 0.5 * np.eye(d))
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    K, d, n = 4, 5, 300
+    means = rng.standard_normal((K, d)) * 3
+    cov = _random_spd(rng, K, d)
+    X = rng.standard_normal((n, d)) * 2 + 1.0
+    w = rng.dirichlet(np.ones(K))
+    return X, w, means, cov
+
+
+def test_precision_cholesky_matches_sklearn_and_inverts(problem):
+    _, _, _, cov = problem
+    P = g.compute_precision_cholesky(cov)
+    ref = skgm._compute_precision_cholesky(cov, "full")
+    # Same factorisation; LU solve vs triangular solve differ by rounding only.
+    np.testing.assert_allclose(P, ref, rtol=1e-12, atol=1e-13)
+    for k in range(cov.shape[0]):
+        np.testing.assert_allclose(P[k] @ P[k].T @ cov[k], np.eye(cov.shape[1]), atol=1e-10)
+        assert np.allclose(P[k], np.triu(P[k]))
+    # log det P = -0.5 log det cov.
+    np.testing.assert_allclose(g.log_det_cholesky(P), -0.5 * np.linalg.slogdet(cov)[1], rtol=1e-12)
+
+
+def test_precision_cholesky_not_positive_definite_says_reg_covar():
+    bad = np.array([[[1.0, 2.0], [2.0, 1.0]]])
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        g.compute_precision_cholesky(bad)
+
+
+def test_precision_cholesky_from_precisions_matches_sklearn(problem):
+    _, _, _, cov = problem
+    prec = np.linalg.inv(cov)
+    ours = g.precision_cholesky_from_precisions(prec)
+    ref = skgm._compute_precision_cholesky_from_precisions(prec, "full", xp=np)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("group", [None, 1, 3])
+def test_log_gaussian_prob_matches_scipy(problem, group):
+    X, _, means, cov = problem
+    P = g.compute_precision_cholesky(cov)
+    ours = g.estimate_log_gaussian_prob(X, means, P, component_group=group)
+    ref = np.column_stack([multivariate_normal(means[k], cov[k]).logpdf(X) for k in range(len(means))])
+    # Two different factorisations of the same density (scipy uses eigh): agreement
+    # to ~1e-12 relative of log-densities of order 10.
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)
+    sk = skgm._estimate_log_gaussian_prob(X, means, P, "full")
+    np.testing.assert_allclose(ours, sk, rtol=1e-12, atol=1e-11)
+
+
+def test_int_and_float32_blocks_are_converted(problem):
+    X, _, means, cov = problem
+    P = g.compute_precision_cholesky(cov)
+    Xi = np.round(X).astype(np.int32)
+    np.testing.assert_array_equal(
+        g.estimate_log_gaussian_prob(Xi, means, P), g.estimate_log_gaussian_prob(Xi.astype(float), means, P)
+    )
+    X32 = X.astype(np.float32)
+    np.testing.assert_array_equal(
+        g.estimate_log_gaussian_prob(X32, means, P), g.estimate_log_gaussian_prob(X32.astype(float), means, P)
+    )
+
+
+def _sklearn_iteration(X, w, means, P, reg):
+    """One scikit-learn EM iteration: E with theta_t, M -> theta_{t+1}."""
+    wlp = skgm._estimate_log_gaussian_prob(X, means, P, "full") + np.log(w)
+    lpn = logsumexp(wlp, axis=1)
+    resp = np.exp(wlp - lpn[:, None])
+    nk, m, c = skgm._estimate_gaussian_parameters(X, resp, reg, "full")
+    return nk / nk.sum(), m, c, lpn.mean()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("split", [[300], [1, 150, 149], [7] * 42 + [6]])
+def test_block_stats_reproduce_sklearn_em_iteration(problem, offset, split):
+    X, w, means, cov = problem
+    # A large offset checks the shifted scatter: E[xx^T] - mm^T would lose ~8 digits.
+    X = X + offset
+    means = means + offset
+    P = g.compute_precision_cholesky(cov)
+    prepared = g.prepare_parameters(w, means, P)
+    parts, start = [], 0
+    for size in split:
+        parts.append(g.em_block_stats(X[start:start + size], prepared=prepared))
+        start += size
+    # Combine as an unbalanced tree to exercise associativity.
+    stats = g.combine_stats([parts[0], g.combine_stats(parts[1:])]) if len(parts) > 1 else parts[0]
+    w1, m1, c1 = g.params_from_stats(stats, means, 1e-6)
+    rw, rm, rc, rlb = _sklearn_iteration(X, w, means, P, 1e-6)
+    # Same formulas; only summation order differs (blocks, syrk vs gemm): 1e-10
+    # relative leaves 4+ orders of margin over the 1e-6 contract.
+    np.testing.assert_allclose(w1, rw, rtol=1e-10)
+    np.testing.assert_allclose(m1, rm, rtol=1e-10)
+    np.testing.assert_allclose(c1, rc, rtol=1e-8 if offset else 1e-10, atol=1e-12 * (1 + offset))
+    np.testing.assert_allclose(g.mean_log_likelihood(stats), rlb, rtol=1e-12)
+    assert stats["n"] == X.shape[0]
+
+
+def test_block_stats_naive_loop(problem):
+    X, w, means, cov = problem
+    P = g.compute_precision_cholesky(cov)
+    shift = means + 0.3
+    s = g.em_block_stats(X, np.log(w), means, P, shift)
+    # Naive per-row reference of the definitions.
+    K, d = means.shape
+    N = np.zeros(K); S1 = np.zeros((K, d)); S2 = np.zeros((K, d, d)); ll = 0.0
+    for x in X:
+        lp = np.array([np.log(w[k]) + multivariate_normal(means[k], cov[k]).logpdf(x) for k in range(K)])
+        l = logsumexp(lp); ll += l
+        r = np.exp(lp - l)
+        for k in range(K):
+            N[k] += r[k]; S1[k] += r[k] * (x - shift[k]); S2[k] += r[k] * np.outer(x - shift[k], x - shift[k])
+    # Per-row sums of 300 terms in a different order: 1e-9 relative.
+    np.testing.assert_allclose(s["N"], N, rtol=1e-9)
+    np.testing.assert_allclose(s["S1"], S1, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(s["S2"], S2, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(s["log_likelihood"], ll, rtol=1e-12)
+
+
+def test_init_from_resp_weights_over_n_samples(problem):
+    X, _, _, _ = problem
+    rng = np.random.default_rng(1)
+    resp = rng.uniform(size=(X.shape[0], 3)); resp /= resp.sum(1, keepdims=True)
+    shift = np.zeros((3, X.shape[1]))
+    w, m, c = g.params_from_stats(g.resp_block_stats(X, resp, shift), shift, 1e-6, n_samples=X.shape[0])
+    nk, rm, rc = skgm._estimate_gaussian_parameters(X, resp, 1e-6, "full")
+    np.testing.assert_allclose(w, nk / X.shape[0], rtol=1e-12)
+    np.testing.assert_allclose(m, rm, rtol=1e-10)
+    np.testing.assert_allclose(c, rc, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- k-means kernels
+
+def test_labels_block_stats_equals_one_hot_resp(problem):
+    X, _, means, _ = problem
+    lab = ((X[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    resp = np.zeros((X.shape[0], len(means))); resp[np.arange(len(X)), lab] = 1
+    a = km.labels_block_stats(X, means)
+    b = g.resp_block_stats(X, resp, means)
+    for key in ("N", "S1", "S2"):
+        # Row subset vs zero-weighted full rows: summation order only.
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-10)
+
+
+def test_lloyd_block_stats_naive(problem):
+    X, _, means, _ = problem
+    D = ((X[:, None, :] - means[None]) ** 2).sum(-1)
+    lab = D.argmin(1)
+    s = km.combine_lloyd([km.lloyd_block_stats(X[:100], means, 2), km.lloyd_block_stats(X[100:], means, 2)])
+    np.testing.assert_array_equal(s["counts"], np.bincount(lab, minlength=len(means)))
+    np.testing.assert_allclose(s["sums"], np.array([X[lab == k].sum(0) for k in range(len(means))]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s["inertia"], D.min(1).sum(), rtol=1e-10)
+    np.testing.assert_allclose(np.sort(s["far_d"]), np.sort(D.min(1))[-2:], rtol=1e-10)
+
+
+def test_moments_combine_matches_numpy(problem):
+    X, _, _, _ = problem
+    X = X + 1e6
+    n, mean, m2 = km.combine_moments([km.moments_block(X[:37]), km.moments_block(X[37:200]), km.moments_block(X[200:])])
+    assert n == len(X)
+    # Chan's update: no cancellation despite the 1e6 offset.
+    np.testing.assert_allclose(m2 / n, X.var(0), rtol=1e-9)
+
+
+def test_kpp_potentials_and_locate(problem):
+    X, _, means, _ = problem
+    dmin = ((X[:, None, :] - means[None, :2]) ** 2).sum(-1).min(1)
+    cand = X[[5, 17]]
+    pot = km.kpp_block_potentials(X, means[:2], cand)
+    dc = ((X[:, None, :] - cand[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(pot[:-1], np.minimum(dc, dmin[:, None]).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(pot[-1], dmin.sum(), rtol=1e-10)
+    t = np.array([0.0, dmin.sum() / 2, dmin.sum() * 2])
+    np.testing.assert_array_equal(km.kpp_locate(X, means[:2], t),
+                                  np.minimum(np.searchsorted(np.cumsum(dmin), t), len(X) - 1))
