@@ -1,0 +1,164 @@
+"""Distance kernels on one pair of blocks: pure NumPy, no dask, no I/O.
+
+The squared Euclidean distance is computed by the expansion
+``||x - s||^2 + ||y - s||^2 - 2 (x - s).(y - s)`` with one GEMM per block pair.
+Distances are translation invariant, so subtracting a shift ``s`` (the training-set
+mean, computed once by the caller) changes nothing mathematically but removes the
+catastrophic cancellation of the expansion on float32 data far from the origin: the
+error of the expansion scales with ``||x||^2 + ||y||^2``, which centring makes as
+small as the data's spread allows.  ``upcast=True`` computes in float64 instead
+(scikit-learn's remedy), at twice the GEMM cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["working_dtype", "as_block", "row_norms_sq", "sq_euclidean", "euclidean"]
+
+
+def working_dtype(dtype, upcast=False):
+    """The float dtype a block of ``dtype`` is computed in.
+
+    float64 stays float64; float32, float16 and every integer dtype compute in
+    float32 (uint8 images need no more: their products are exact up to 2**24);
+    ``upcast=True`` always gives float64.
+
+    Examples
+    --------
+    >>> working_dtype(np.uint8), working_dtype(np.float32, upcast=True)
+    (dtype('float32'), dtype('float64'))
+    """
+    dtype = np.dtype(dtype)
+    if upcast or dtype == np.float64:
+        return np.dtype(np.float64)
+    if dtype.kind not in "fiub":
+        raise TypeError(f"cannot compute distances on dtype {dtype}; expected a float or integer dtype")
+    return np.dtype(np.float32)
+
+
+def as_block(X, dtype=None, shift=None):
+    """Return ``X - shift`` as a C-contiguous block of the working dtype.
+
+    Copies only when needed: a C-contiguous block already of the working dtype and
+    no shift is returned as is.  Integer blocks are converted here, one block at a
+    time, never the whole dataset.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    dtype : dtype, optional
+        Working dtype; default ``working_dtype(X.dtype)``.
+    shift : ndarray of shape (n_features,), optional
+        Subtracted from every row.
+
+    Returns
+    -------
+    ndarray of shape (n_rows, n_features)
+
+    Examples
+    --------
+    >>> as_block(np.array([[1, 2]], dtype=np.uint8), shift=np.array([1.0, 1.0]))
+    array([[0., 1.]], dtype=float32)
+    """
+    X = np.asarray(X)
+    dtype = working_dtype(X.dtype) if dtype is None else np.dtype(dtype)
+    if shift is None:
+        return np.ascontiguousarray(X, dtype=dtype)
+    out = np.empty(X.shape, dtype=dtype)
+    # One pass: the subtraction writes straight into the converted block.  For float32
+    # data the shift is rounded to float32 first; the same rounded shift is used for
+    # both sets, and distances are translation invariant, so the rounding costs nothing.
+    np.subtract(X, np.asarray(shift).astype(dtype, copy=False), out=out, casting="unsafe")
+    return out
+
+
+def row_norms_sq(X):
+    """Squared Euclidean norm of every row, accumulated in float64.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+
+    Returns
+    -------
+    ndarray of shape (n_rows,), float64
+
+    Examples
+    --------
+    >>> row_norms_sq(np.array([[3.0, 4.0], [1.0, 0.0]], dtype=np.float32))
+    array([25.,  1.])
+    """
+    X = np.asarray(X)
+    if X.dtype.kind != "f":
+        X = X.astype(np.float64)
+    # einsum casts in small buffers: no float64 copy of the block is made.
+    return np.einsum("ij,ij->i", X, X, dtype=np.float64)
+
+
+def sq_euclidean(X, Y, X_norm_sq=None, Y_norm_sq=None, *, shift=None, upcast=False, out=None):
+    """Squared Euclidean distances between the rows of two blocks, by one GEMM.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_x, n_features)
+    Y : ndarray of shape (n_y, n_features)
+    X_norm_sq, Y_norm_sq : ndarray of shape (n_x,) / (n_y,), optional
+        Squared row norms of ``X - shift`` / ``Y - shift`` if already known
+        (:func:`row_norms_sq` of the shifted block); computed otherwise.
+    shift : ndarray of shape (n_features,), optional
+        Subtracted from both blocks before the GEMM (e.g. the training-set mean):
+        keeps the expansion accurate for data far from the origin.
+    upcast : bool, default False
+        Compute in float64 even for float32 / integer blocks.
+    out : ndarray of shape (n_x, n_y), optional
+        C-contiguous output of the working dtype.
+
+    Returns
+    -------
+    ndarray of shape (n_x, n_y)
+        In the working dtype (float32 for float32 and integer data, float64 for
+        float64 data or ``upcast``), clamped at 0.
+
+    Examples
+    --------
+    >>> X = np.array([[0.0, 0.0], [3.0, 4.0]])
+    >>> sq_euclidean(X, X)
+    array([[ 0., 25.],
+           [25.,  0.]])
+    """
+    X = np.asarray(X)
+    Y = np.asarray(Y)
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
+        raise ValueError(f"expected two 2-D blocks with the same number of columns, got {X.shape} and {Y.shape}")
+    same = X is Y
+    dtype = working_dtype(np.result_type(X.dtype, Y.dtype), upcast)
+    Xw = as_block(X, dtype, shift)
+    Yw = Xw if same and shift is None else as_block(Y, dtype, shift)
+    xn = row_norms_sq(Xw) if X_norm_sq is None else np.asarray(X_norm_sq, dtype=np.float64)
+    yn = xn if same and Y_norm_sq is None else (row_norms_sq(Yw) if Y_norm_sq is None else np.asarray(Y_norm_sq, dtype=np.float64))
+    # One GEMM; Yw.T is a transposed view of a C-contiguous block, which BLAS reads
+    # without a copy.  Then three in-place passes over the output, no temporaries.
+    D = np.matmul(Xw, Yw.T, out=out)
+    D *= -2
+    D += xn.astype(dtype, copy=False)[:, None]
+    D += yn.astype(dtype, copy=False)[None, :]
+    np.maximum(D, 0, out=D)
+    if same:
+        # The distance of a row to itself is exactly 0 (the expansion leaves rounding).
+        np.fill_diagonal(D, 0)
+    return D
+
+
+def euclidean(X, Y, X_norm_sq=None, Y_norm_sq=None, *, shift=None, upcast=False, out=None):
+    """Euclidean distances between the rows of two blocks: sqrt of :func:`sq_euclidean`.
+
+    Same parameters as :func:`sq_euclidean`.
+
+    Examples
+    --------
+    >>> euclidean(np.array([[0.0, 0.0]]), np.array([[3.0, 4.0]]))
+    array([[5.]])
+    """
+    D = sq_euclidean(X, Y, X_norm_sq, Y_norm_sq, shift=shift, upcast=upcast, out=out)
+    return np.sqrt(D, out=D)

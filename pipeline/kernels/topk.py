@@ -1,0 +1,398 @@
+"""Top-k selection, merging, exact re-ranking and voting on blocks: pure NumPy.
+
+Neighbour lists are ordered by the key ``(distance, global index)``: ascending
+distance, ties to the lower training index.  Because that order is total (indices
+are unique), :func:`merge_topk` is associative and commutative, so a tree reduction
+gives the same lists whatever the chunking or the shape of the tree.
+
+The streaming k-NN step (:func:`knn_block`) works in two stages per training block:
+the GEMM of the working dtype ranks every training row approximately and keeps
+``k + margin`` candidates; those few are re-ranked with exact float64 differences,
+and the list keeps the best ``k`` by exact distance.  Each partial list also carries
+``bound``: a lower bound on the exact distance of every row the approximate stage
+dropped (the largest kept approximate distance minus a rounding-error bound).  After
+the last merge a row whose k-th exact distance lies strictly below its bound is
+certified exact; the few others (exact or near ties across the margin) are recomputed
+by :func:`exact_topk_block` with exact differences against every training row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .distances import as_block, row_norms_sq, working_dtype
+
+__all__ = [
+    "topk_block",
+    "merge_topk",
+    "exact_sq_distances",
+    "rerank_exact",
+    "prepare_queries",
+    "knn_block",
+    "exact_topk_block",
+    "merge_knn",
+    "vote",
+]
+
+# Query rows re-ranked at once: the gathered candidate rows (rows x candidates x
+# features, float64) stay a few MiB, inside the CPU caches.
+_RERANK_ROWS = 8
+
+
+def _sort_lists(dist, idx, k):
+    """Sort each row of (dist, idx) by (dist, idx) and keep the first k columns."""
+    order = np.lexsort((idx, dist), axis=-1)[:, :k]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def topk_block(D, k, offset=0):
+    """The ``k`` smallest entries of every row of a distance block.
+
+    Parameters
+    ----------
+    D : ndarray of shape (n_rows, n_cols)
+        Distances of ``n_rows`` queries to the training rows ``offset ... offset + n_cols - 1``.
+    k : int
+        Neighbours wanted; a block narrower than ``k`` returns all its columns.
+    offset : int
+        Global index of the block's first column.
+
+    Returns
+    -------
+    dist : ndarray of shape (n_rows, min(k, n_cols))
+        Ascending; ties ordered by index.
+    idx : ndarray of shape (n_rows, min(k, n_cols)), int64
+        Global column indices (local + offset); among equal distances the lower
+        indices are the ones kept.
+
+    Examples
+    --------
+    >>> topk_block(np.array([[3.0, 1.0, 1.0, 0.5]]), 2, offset=10)
+    (array([[0.5, 1. ]]), array([[13, 11]]))
+    """
+    D = np.asarray(D)
+    n, m = D.shape
+    k = int(min(k, m))
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    if k == m:
+        part = np.broadcast_to(np.arange(m, dtype=np.int64), (n, m)).copy()
+    else:
+        part = np.argpartition(D, k - 1, axis=1)[:, :k].astype(np.int64, copy=False)
+        # argpartition chooses arbitrarily among entries equal to the k-th value.
+        # Rows where such ties straddle the cut are redone with a stable sort, which
+        # keeps the lower indices; elsewhere the partition is already the answer.
+        kth = np.take_along_axis(D, part, 1).max(axis=1)
+        tied = np.flatnonzero(np.count_nonzero(D <= kth[:, None], axis=1) > k)
+        if tied.size:
+            part[tied] = np.argsort(D[tied], axis=1, kind="stable")[:, :k]
+    dist = np.take_along_axis(D, part, 1)
+    idx = part + np.int64(offset)
+    return _sort_lists(dist, idx, k)
+
+
+def merge_topk(a, b, k):
+    """Merge two neighbour lists of the same queries, keeping the best ``k``.
+
+    Associative and commutative: the result is the ``k`` smallest ``(dist, idx)``
+    pairs of the union, ordered the same way, whatever the order of merging.
+
+    Parameters
+    ----------
+    a, b : tuple (dist, idx) of ndarrays of shape (n_rows, k_a) / (n_rows, k_b)
+    k : int
+
+    Returns
+    -------
+    tuple (dist, idx) of shape (n_rows, min(k, k_a + k_b))
+
+    Examples
+    --------
+    >>> a = (np.array([[1.0, 4.0]]), np.array([[7, 2]]))
+    >>> b = (np.array([[1.0, 2.0]]), np.array([[3, 9]]))
+    >>> merge_topk(a, b, 3)
+    (array([[1., 1., 2.]]), array([[3, 7, 9]]))
+    """
+    dist = np.concatenate([a[0], b[0]], axis=1)
+    idx = np.concatenate([a[1], b[1]], axis=1)
+    return _sort_lists(dist, idx, int(k))
+
+
+def exact_sq_distances(X, Y, cand):
+    """Exact squared distances from each row of ``X`` to its candidate rows of ``Y``.
+
+    Differences of the stored values are taken in float64 (exact for float32 and
+    integer data) and squared and summed in float64: no expansion, no cancellation.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    Y : ndarray of shape (n_y, n_features)
+    cand : ndarray of shape (n_rows, n_cand), int
+        Row indices into ``Y`` for every row of ``X``.
+
+    Returns
+    -------
+    ndarray of shape (n_rows, n_cand), float64
+
+    Examples
+    --------
+    >>> exact_sq_distances(np.array([[0.0, 0.0]]), np.array([[1.0, 1.0], [3.0, 4.0]]), np.array([[1, 0]]))
+    array([[25.,  2.]])
+    """
+    X = np.asarray(X)
+    Y = np.asarray(Y)
+    cand = np.asarray(cand)
+    n, c = cand.shape
+    out = np.empty((n, c), dtype=np.float64)
+    X64 = X if X.dtype == np.float64 else None
+    for s in range(0, n, _RERANK_ROWS):
+        e = min(s + _RERANK_ROWS, n)
+        xs = X64[s:e] if X64 is not None else X[s:e].astype(np.float64)
+        G = Y[cand[s:e]].astype(np.float64)  # (rows, c, features), a few MiB
+        G -= xs[:, None, :]
+        # Batched dot of each difference with itself: BLAS, float64 accumulation.
+        out[s:e] = np.matmul(G[:, :, None, :], G[:, :, :, None])[..., 0, 0]
+    return out
+
+
+def rerank_exact(X, Y, cand, k=None, offset=0):
+    """Re-rank candidate neighbours by exact float64 squared distance.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    Y : ndarray of shape (n_y, n_features)
+        A training block; ``cand`` indexes its rows.
+    cand : ndarray of shape (n_rows, n_cand), int
+        Local row indices into ``Y``.
+    k : int, optional
+        Keep the best ``k`` (default all).
+    offset : int
+        Global index of ``Y``'s first row.
+
+    Returns
+    -------
+    dist : ndarray of shape (n_rows, min(k, n_cand)), float64
+        Exact squared distances, ascending, ties to the lower index.
+    idx : ndarray of shape (n_rows, min(k, n_cand)), int64
+        Global indices.
+
+    Examples
+    --------
+    >>> rerank_exact(np.zeros((1, 2)), np.array([[1.0, 1.0], [0.0, 1.0]]), np.array([[0, 1]]), 1, offset=5)
+    (array([[1.]]), array([[6]]))
+    """
+    cand = np.asarray(cand)
+    k = cand.shape[1] if k is None else min(int(k), cand.shape[1])
+    dist = exact_sq_distances(X, Y, cand)
+    return _sort_lists(dist, cand.astype(np.int64) + np.int64(offset), k)
+
+
+def prepare_queries(X, shift=None, upcast=False):
+    """Everything the k-NN blocks need from a query block, computed once.
+
+    Returns
+    -------
+    dict
+        ``xc``: ``X - shift`` in the working dtype (for the GEMM); ``xn``: its squared
+        row norms (float64); ``x64``: the stored values as float64 (for the exact
+        re-rank); ``upcast``.
+
+    Examples
+    --------
+    >>> sorted(prepare_queries(np.ones((2, 3), dtype=np.float32)))
+    ['upcast', 'x64', 'xc', 'xn']
+    """
+    X = np.asarray(X)
+    xc = as_block(X, working_dtype(X.dtype, upcast), shift)
+    return {
+        "xc": xc,
+        "xn": row_norms_sq(xc),
+        "x64": np.ascontiguousarray(X, dtype=np.float64),
+        "upcast": bool(upcast),
+    }
+
+
+def _error_bound(dtype, n_features):
+    """Relative bound on the rounding error of the expansion in ``dtype``.
+
+    |fl(D) - D| <= (gamma_d + 8u) (||x - s||^2 + ||y - s||^2): gamma_d = d u / (1 - d u)
+    bounds the dot product (Higham, Thm 3.5, with sum |x_i y_i| <= (||x||^2 + ||y||^2) / 2),
+    8u the norms, the centring in the working dtype and the additions.
+    """
+    u = np.finfo(dtype).eps / 2
+    du = n_features * u
+    return du / (1 - du) + 8 * u if du < 0.5 else np.inf
+
+
+def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None):
+    """Exact ``k`` nearest rows of a training block for every query.
+
+    Parameters
+    ----------
+    queries : dict
+        From :func:`prepare_queries` (with the same ``shift``).
+    Y : ndarray of shape (n_rows, n_features)
+        A training block, in its stored dtype.
+    k : int
+    offset : int
+        Global index of ``Y``'s first row.
+    margin : int
+        Extra approximate candidates re-ranked exactly.
+    shift : ndarray of shape (n_features,), optional
+
+    Returns
+    -------
+    dict
+        ``dist`` (n_queries, min(k, n_rows)) exact squared distances, float64,
+        ascending; ``idx`` int64 global indices; ``bound`` (n_queries,) lower bound
+        on the exact squared distance of every row not re-ranked.
+
+    Examples
+    --------
+    >>> q = prepare_queries(np.zeros((1, 2)))
+    >>> part = knn_block(q, np.array([[1.0, 0.0], [5.0, 5.0], [0.0, 2.0]]), 1, offset=3, margin=0)
+    >>> part["dist"], part["idx"]
+    (array([[1.]]), array([[3]]))
+    """
+    xc, xn = queries["xc"], queries["xn"]
+    Y = np.asarray(Y)
+    m = Y.shape[0]
+    n_cand = min(int(k) + int(margin), m)
+    yc = as_block(Y, xc.dtype, shift)
+    yn = row_norms_sq(yc)
+    # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
+    # along a row, so it is left out of the (n_queries, n_rows) block.
+    S = np.matmul(xc, yc.T)
+    S *= -2
+    S += yn.astype(S.dtype)[None, :]
+    del yc
+    if n_cand < m:
+        cand = np.argpartition(S, n_cand - 1, axis=1)[:, :n_cand]
+        # Every dropped row has an approximate distance >= the largest kept one;
+        # its exact distance is at least that minus the rounding-error bound.
+        cut = np.take_along_axis(S, cand, 1).max(axis=1).astype(np.float64) + xn
+        err = _error_bound(S.dtype, Y.shape[1]) * (xn + yn.max())
+        bound = cut - err
+    else:
+        cand = np.broadcast_to(np.arange(m), (S.shape[0], m))
+        bound = np.full(S.shape[0], np.inf)
+    del S
+    dist, idx = rerank_exact(queries["x64"], Y, cand, k, offset)
+    return {"dist": dist, "idx": idx, "bound": bound}
+
+
+def exact_topk_block(X, Y, k, offset=0):
+    """The ``k`` nearest rows of a block by exact float64 differences (no GEMM).
+
+    The slow, always-exact path for the few queries whose approximate stage could not
+    be certified.  Cost: ``n_rows * n_y * n_features``.
+
+    Returns
+    -------
+    dict
+        As :func:`knn_block`, with ``bound = inf``.
+
+    Examples
+    --------
+    >>> exact_topk_block(np.zeros((1, 1)), np.array([[2.0], [1.0]]), 1)["idx"]
+    array([[1]])
+    """
+    X = np.asarray(X)
+    n, m = X.shape[0], np.asarray(Y).shape[0]
+    D = np.empty((n, m))
+    for s in range(0, m, 256):
+        e = min(s + 256, m)
+        D[:, s:e] = exact_sq_distances(X, Y[s:e], np.broadcast_to(np.arange(e - s), (n, e - s)))
+    dist, idx = topk_block(D, k, offset)
+    return {"dist": dist, "idx": idx, "bound": np.full(n, np.inf)}
+
+
+def merge_knn(a, b, k):
+    """Merge two partial results of :func:`knn_block` (associative, commutative).
+
+    Examples
+    --------
+    >>> a = {"dist": np.array([[1.0]]), "idx": np.array([[4]]), "bound": np.array([3.0])}
+    >>> b = {"dist": np.array([[1.0]]), "idx": np.array([[2]]), "bound": np.array([2.0])}
+    >>> merge_knn(a, b, 1)["idx"], merge_knn(a, b, 1)["bound"]
+    (array([[2]]), array([2.]))
+    """
+    dist, idx = merge_topk((a["dist"], a["idx"]), (b["dist"], b["idx"]), k)
+    return {"dist": dist, "idx": idx, "bound": np.minimum(a["bound"], b["bound"])}
+
+
+def uncertified(part):
+    """Rows whose k-th exact distance is not strictly below their bound.
+
+    Examples
+    --------
+    >>> uncertified({"dist": np.array([[1.0], [2.0]]), "bound": np.array([1.5, 2.0])})
+    array([1])
+    """
+    return np.flatnonzero(~(part["dist"][:, -1] < part["bound"]))
+
+
+def vote(neighbor_labels, neighbor_dist, classes, weights="uniform"):
+    """Class votes of the neighbours, exactly as scikit-learn's KNeighborsClassifier.
+
+    Parameters
+    ----------
+    neighbor_labels : ndarray of shape (n_rows, k), int
+        Encoded labels of the neighbours: indices into ``classes``.
+    neighbor_dist : ndarray of shape (n_rows, k) or None
+        Euclidean distances (needed for ``weights="distance"``).
+    classes : ndarray of shape (n_classes,)
+        The sorted class values.
+    weights : {"uniform", "distance"}
+        ``"distance"`` weighs each neighbour by 1 / distance; a row with neighbours at
+        distance 0 gives those weight 1 and the others 0 (scikit-learn's rule).
+
+    Returns
+    -------
+    predictions : ndarray of shape (n_rows,)
+        ``classes[j]`` of the largest vote; ties go to the lowest class index.
+    proba : ndarray of shape (n_rows, n_classes), float64
+
+    Examples
+    --------
+    >>> vote(np.array([[1, 0, 1], [0, 1, 2]]), None, np.array([10, 20, 30]))[0]
+    array([20, 10])
+    """
+    labels = np.asarray(neighbor_labels)
+    classes = np.asarray(classes)
+    n, k = labels.shape
+    C = classes.shape[0]
+    rows = np.arange(n)
+    if weights == "uniform":
+        # scikit-learn (ArgKminClassMode) counts with weight 1.0 and normalises by the
+        # row sum; argmax of the counts keeps the first (lowest) class among ties.
+        proba = np.zeros((n, C))
+        for j in range(k):
+            proba[rows, labels[:, j]] += 1.0
+        pred = np.argmax(proba, axis=1)
+        proba /= proba.sum(axis=1, keepdims=True)
+        return classes[pred], proba
+    if weights != "distance":
+        raise ValueError(f"weights={weights!r}; choose 'uniform' or 'distance'")
+    dist = np.asarray(neighbor_dist, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        w = 1.0 / dist
+    inf_mask = np.isinf(w)
+    inf_row = inf_mask.any(axis=1)
+    w[inf_row] = inf_mask[inf_row]
+    # predict: scikit-learn's weighted_mode sums a masked copy of the weights along
+    # each row and keeps the first maximum; same sums, same order, same ties.
+    score = np.empty((n, C))
+    for c in range(C):
+        score[:, c] = np.sum(np.where(labels == c, w, 0.0), axis=1)
+    pred = np.argmax(score, axis=1)
+    # predict_proba: accumulated neighbour by neighbour, then normalised.
+    proba = np.zeros((n, C))
+    for j in range(k):
+        proba[rows, labels[:, j]] += w[:, j]
+    norm = proba.sum(axis=1, keepdims=True)
+    norm[norm == 0.0] = 1.0
+    proba /= norm
+    return classes[pred], proba
