@@ -31,12 +31,37 @@ __all__ = [
     "knn_block",
     "exact_topk_block",
     "merge_knn",
+    "uncertified",
+    "record_dtype",
+    "knn_records",
+    "NonFiniteRows",
+    "finite_mean",
     "vote",
 ]
+
+
+class NonFiniteRows(ValueError):
+    """A block holds rows with NaN or inf (or values too large to square).
+
+    ``rows`` are their global indices.
+    """
+
+    def __init__(self, rows):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        super().__init__(f"non-finite values in rows {self.rows[:10].tolist()}")
+
+
+def _check_finite(norms, offset):
+    # A NaN or inf anywhere in a row makes its squared norm NaN or inf: checking the
+    # (rows,) norms the kernels compute anyway costs nothing extra.
+    if not np.isfinite(norms).all():
+        raise NonFiniteRows(np.flatnonzero(~np.isfinite(norms)) + int(offset))
 
 # Query rows re-ranked at once: the gathered candidate rows (rows x candidates x
 # features, float64) stay a few MiB, inside the CPU caches.
 _RERANK_ROWS = 8
+# Query rows selected at once by argpartition (its index array is rows x block width).
+_SELECT_ROWS = 64
 
 
 def _sort_lists(dist, idx, k):
@@ -189,7 +214,7 @@ def rerank_exact(X, Y, cand, k=None, offset=0):
     return _sort_lists(dist, cand.astype(np.int64) + np.int64(offset), k)
 
 
-def prepare_queries(X, shift=None, upcast=False):
+def prepare_queries(X, shift=None, upcast=False, offset=0):
     """Everything the k-NN blocks need from a query block, computed once.
 
     Returns
@@ -206,12 +231,33 @@ def prepare_queries(X, shift=None, upcast=False):
     """
     X = np.asarray(X)
     xc = as_block(X, working_dtype(X.dtype, upcast), shift)
+    xn = row_norms_sq(xc)
+    _check_finite(xn, offset)
     return {
         "xc": xc,
-        "xn": row_norms_sq(xc),
+        "xn": xn,
         "x64": np.ascontiguousarray(X, dtype=np.float64),
         "upcast": bool(upcast),
     }
+
+
+def finite_mean(X):
+    """Mean of the rows of ``X`` without NaN or inf, float64, shape (1, n_features).
+
+    The centring shift: any vector near the data will do, but it must be finite, so
+    rows a later check will reject are left out (zeros if no row is finite).
+
+    Examples
+    --------
+    >>> finite_mean(np.array([[1.0, 2.0], [np.nan, 0.0], [3.0, 4.0]]))
+    array([[2., 3.]])
+    """
+    X = np.asarray(X)
+    ok = np.isfinite(row_norms_sq(X))
+    if not ok.any():
+        return np.zeros((1, X.shape[1]))
+    sel = X if ok.all() else X[ok]
+    return sel.mean(axis=0, dtype=np.float64, keepdims=True)
 
 
 def _error_bound(dtype, n_features):
@@ -262,6 +308,7 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None):
     n_cand = min(int(k) + int(margin), m)
     yc = as_block(Y, xc.dtype, shift)
     yn = row_norms_sq(yc)
+    _check_finite(yn, offset)
     # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
     # along a row, so it is left out of the (n_queries, n_rows) block.
     S = np.matmul(xc, yc.T)
@@ -269,7 +316,11 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None):
     S += yn.astype(S.dtype)[None, :]
     del yc
     if n_cand < m:
-        cand = np.argpartition(S, n_cand - 1, axis=1)[:, :n_cand]
+        # 64 query rows at a time: argpartition's int64 index array stays small (and
+        # in cache), instead of 8 bytes per entry of the whole ranking block.
+        cand = np.empty((S.shape[0], n_cand), dtype=np.intp)
+        for s in range(0, S.shape[0], _SELECT_ROWS):
+            cand[s:s + _SELECT_ROWS] = np.argpartition(S[s:s + _SELECT_ROWS], n_cand - 1, axis=1)[:, :n_cand]
         # Every dropped row has an approximate distance >= the largest kept one;
         # its exact distance is at least that minus the rounding-error bound.
         cut = np.take_along_axis(S, cand, 1).max(axis=1).astype(np.float64) + xn
@@ -332,6 +383,30 @@ def uncertified(part):
     array([1])
     """
     return np.flatnonzero(~(part["dist"][:, -1] < part["bound"]))
+
+
+def record_dtype(k):
+    """The record of one query's result: k distances, k indices, certified flag."""
+    return np.dtype([("dist", np.float64, (k,)), ("idx", np.int64, (k,)), ("ok", np.bool_)])
+
+
+def knn_records(part):
+    """A merged partial result as a (n_rows,) record array of :func:`record_dtype`.
+
+    Examples
+    --------
+    >>> r = knn_records({"dist": np.array([[1.0]]), "idx": np.array([[3]]), "bound": np.array([2.0])})
+    >>> r["idx"].tolist(), r["ok"].tolist()
+    ([[3]], [True])
+    """
+    dist, idx = part["dist"], part["idx"]
+    k = dist.shape[1]
+    rec = np.empty(dist.shape[0], dtype=record_dtype(k))
+    rec["dist"] = dist
+    rec["idx"] = idx
+    rec["ok"] = True
+    rec["ok"][uncertified(part)] = False
+    return rec
 
 
 def vote(neighbor_labels, neighbor_dist, classes, weights="uniform"):

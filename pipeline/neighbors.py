@@ -1,0 +1,450 @@
+"""Exact k nearest neighbours out of core: streaming top-k, kneighbors, a classifier.
+
+Graph (no numerics here; the kernels are in :mod:`pipeline.kernels.topk`):
+
+* ``pipeline-knn-shift``: the mean of the first training block, a (d,) vector, one
+  shared key.  Both sets are centred on it before the GEMM, which keeps the float32
+  expansion accurate for data far from the origin (distances are translation
+  invariant, any shift near the data will do).
+* ``pipeline-knn-query``: one task per query block prepares it once (centred working
+  copy, float64 copy for the exact re-rank, row norms, a finiteness check).
+* ``pipeline-knn-topk``: one task per (query block, training block): reads its
+  training block, one GEMM, ``k + margin`` approximate candidates, exact float64
+  re-rank, the ``k`` best with global indices.  Zarr reads are fused into these tasks.
+* ``pipeline-knn-merge``: a ``dask.array.reduction`` tree (chunk / combine / aggregate)
+  merges the partial lists of each query block; ``merge_knn`` is associative and
+  commutative, so ``split_every`` changes only the tree, not the result.
+
+The plan prefers one query block holding every query (the training set is read
+exactly once).  Queries the approximate stage could not certify (exact or near ties
+beyond the margin) are recomputed by a second, exact pass restricted to them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+from .kernels import topk as _topk
+
+__all__ = ["kneighbors", "KNeighborsClassifier", "write_knn"]
+
+_SPLIT_EVERY = 8  # tree width of the merge (budget._cost_knn counts these partials)
+_SHIFT_ROWS = 4096  # rows of the first training block averaged into the shift
+
+
+# ------------------------------------------------------------------------ validation
+
+def _check_k(k, n_train, name="n_neighbors"):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InputError(f"{name}={k!r} must be a whole number between 1 and the training set size ({n_train})")
+    if k < 1 or k > n_train:
+        raise InputError(
+            f"{name}={k} is out of range: it must be between 1 and the number of training rows ({n_train})"
+        )
+    return int(k)
+
+
+def _check_features(Xd, Yd, xname="X", yname="Y"):
+    if Xd.shape[1] != Yd.shape[1]:
+        raise InputError(
+            f"{xname} has {Xd.shape[1]} features but {yname} has {Yd.shape[1]}; both sets need the same number of columns"
+        )
+
+
+def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
+    """Open both sets, validate them, plan the blocks and reopen them in those blocks."""
+    from .budget import plan
+    from .storage import as_array
+
+    Xd = as_array(X, "X")
+    Yd = as_array(Y, "Y")
+    _check_features(Xd, Yd)
+    k = _check_k(k, Yd.shape[0])
+    itemsize = max(Xd.dtype.itemsize, Yd.dtype.itemsize)
+    p = plan("knn", n_query=Xd.shape[0], n_train=Yd.shape[0], n_features=Xd.shape[1], k=k,
+             itemsize=itemsize, memory_budget=memory_budget)
+    Xd = as_array(X, "X", rows=int(query_rows or p["query_rows"]))
+    Yd = as_array(Y, "Y", rows=int(train_rows or p["train_rows"]))
+    return Xd, Yd, k, p
+
+
+# ----------------------------------------------------------------------------- graph
+
+def _prepare(block, shift, start):
+    """Task: one query block, prepared once for every training block."""
+    with _named("X (the query set)"):
+        return _topk.prepare_queries(block, shift, offset=int(start[0]))
+
+
+class _named:
+    """Turn a kernel's NonFiniteRows into an InputError naming the set and its rows."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if isinstance(exc, _topk.NonFiniteRows):
+            rows = ", ".join(str(int(i)) for i in exc.rows[:10])
+            more = f" and {exc.rows.size - 10} more" if exc.rows.size > 10 else ""
+            raise InputError(
+                f"{self.what} has NaN or infinite values (or values too large to square) in "
+                f"row(s) {rows}{more}; remove or impute those rows"
+            ) from None
+        return False
+
+
+def _part(queries, train, start, shift, *, k, margin):
+    """Task: the exact k nearest rows of one training block for one query block."""
+    try:
+        return _topk.knn_block(queries[0], train[0], k, int(start[0]), margin=margin, shift=shift[0])
+    except _topk.NonFiniteRows as e:
+        # Carried up the tree, so the error names the bad rows of every block.
+        return {"bad": e.rows}
+
+
+def _exact_part(queries, train, start, *, k):
+    """Task of the exact fallback: exact differences against every training row."""
+    return _topk.exact_topk_block(queries[0], train[0], k, int(start[0]))
+
+
+def _identity(x, axis=None, keepdims=None):
+    return x
+
+
+def _combine(parts, axis=None, keepdims=None, *, k):
+    parts = _flatten(parts)
+    bad = [p["bad"] for p in parts if "bad" in p]
+    if bad:
+        return {"bad": np.sort(np.concatenate(bad))}
+    out = parts[0]
+    for p in parts[1:]:
+        out = _topk.merge_knn(out, p, k)
+    return out
+
+
+def _aggregate(parts, axis=None, keepdims=None, *, k):
+    out = _combine(parts, k=k)
+    if "bad" in out:
+        with _named("Y (the training set)"):
+            raise _topk.NonFiniteRows(out["bad"])
+    return _topk.knn_records(out)
+
+
+def _flatten(parts):
+    if isinstance(parts, dict):
+        return [parts]
+    out = []
+    for p in parts:
+        out.extend(_flatten(p))
+    return out
+
+
+def _shift(Yd):
+    """The centring vector: mean of the first training rows, one (d,) key."""
+    rows = min(Yd.shape[0], max(Yd.chunks[0][0], 1), _SHIFT_ROWS)
+    first = Yd[:rows]  # inside the first chunk: one task
+    return first.map_blocks(_topk.finite_mean, chunks=((1,), first.chunks[1]), dtype=np.float64,
+                            token="pipeline-knn-shift")[0]
+
+
+def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False):
+    """Lazy (n_query,) record array of (dist, idx, ok) from the block tasks and the tree."""
+    import warnings
+
+    import dask.array as da
+    from dask.array.core import PerformanceWarning
+
+    warnings.filterwarnings("ignore", category=PerformanceWarning, module=__name__)
+    starts = da.arange(Yd.shape[0], chunks=Yd.chunks[0], dtype=np.int64)
+    obj = np.empty((0, 0), dtype=object)
+    if exact:
+        parts = da.blockwise(_exact_part, "ij", Xd, "if", Yd, "jf", starts, "j", k=k,
+                             concatenate=False, dtype=object, meta=obj, token="pipeline-knn-exact")
+    else:
+        shift = _shift(Yd)
+        qstarts = da.arange(Xd.shape[0], chunks=Xd.chunks[0], dtype=np.int64)
+        queries = da.blockwise(_prepare, "if", Xd, "if", shift, "f", qstarts, "i",
+                               dtype=object, meta=obj, token="pipeline-knn-query")
+        parts = da.blockwise(_part, "ij", queries, "if", Yd, "jf", starts, "j", shift, "f",
+                             k=k, margin=margin, concatenate=False, dtype=object,
+                             meta=obj, token="pipeline-knn-topk")
+    dtype = _topk.record_dtype(k)
+    from functools import partial
+
+    return da.reduction(parts, _identity, partial(_aggregate, k=k), combine=partial(_combine, k=k),
+                        axis=1, concatenate=False, dtype=dtype, split_every=split_every,
+                        name="pipeline-knn-merge", meta=np.empty((0,), dtype=dtype))
+
+
+def _default_margin(k):
+    # Extra candidates re-ranked exactly per block: enough that the cut rarely falls
+    # inside the rounding error (which would send the row to the exact fallback),
+    # few enough that the re-rank stays a few percent of the GEMM.
+    return 3 + k // 4
+
+
+def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
+               margin=None, split_every=None, query_rows=None, train_rows=None):
+    """Exact k nearest training rows of every query row, out of core.
+
+    Never holds the (n_query, n_train) distance matrix: each task ranks one
+    (query block, training block) pair with one GEMM and keeps ``k + margin``
+    candidates, re-ranked by exact float64 differences; a tree merges the lists.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_query, n_features)
+        Queries: NumPy, dask or Zarr array, Dataset or dataset URL.
+    Y : array-like of shape (n_train, n_features)
+        Training set, same kinds.
+    n_neighbors : int, default 5
+        Between 1 and n_train.
+    memory_budget : int or str, optional
+        Bytes above the idle process (see :func:`pipeline.budget.parse_budget`).
+    return_distance : bool, default True
+    margin : int, optional
+        Approximate candidates re-ranked exactly beyond ``k`` per block.
+    split_every : int, optional
+        Width of the merge tree.
+    query_rows, train_rows : int, optional
+        Block sizes; default from the plan for ``memory_budget``
+        (:func:`pipeline.plan` ``("knn", ...)``).
+
+    Returns
+    -------
+    dist : ndarray of shape (n_query, n_neighbors), float64
+        Exact Euclidean distances, ascending (only if ``return_distance``).
+    ind : ndarray of shape (n_query, n_neighbors), int64
+        Training row indices; equal distances are ordered by index, and among rows
+        tied at the k-th distance the lower indices are returned.
+
+    Raises
+    ------
+    InputError
+        Feature counts that differ, ``n_neighbors`` outside 1..n_train, an empty set,
+        or NaN / inf values (the message names the rows).
+
+    Examples
+    --------
+    >>> import numpy as np, pipeline as pl
+    >>> Y = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    >>> dist, ind = pl.kneighbors(np.array([[0.9, 0.0]]), Y, n_neighbors=2)
+    >>> ind.tolist(), np.round(dist, 3).tolist()
+    ([[1, 0]], [[0.1, 0.9]])
+    """
+    from .cluster import compute
+
+    Xd, Yd, k, _plan = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
+    margin = _default_margin(k) if margin is None else int(margin)
+    split_every = split_every or _SPLIT_EVERY
+    (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every),
+                     label="k-NN")
+    dist, ind = rec["dist"], rec["idx"]
+    bad = np.flatnonzero(~rec["ok"])
+    if bad.size:
+        # A few queries had (near-)ties across the candidate cut: redo them exactly.
+        from .storage import as_array
+
+        Xbad = as_array(Xd[bad] if not isinstance(X, np.ndarray) else np.asarray(X)[bad], "X")
+        (fix,) = compute(_records_graph(Xbad, Yd, k, margin=0, split_every=split_every, exact=True),
+                         label="k-NN (exact pass)")
+        dist[bad], ind[bad] = fix["dist"], fix["idx"]
+    dist = np.sqrt(dist)
+    return (dist, ind) if return_distance else ind
+
+
+# ------------------------------------------------------------------------ classifier
+
+class KNeighborsClassifier:
+    """k-nearest-neighbours vote, exact and out of core, with scikit-learn's API.
+
+    ``fit`` only keeps a reference to the training set (an array, a dask or Zarr
+    array, a Dataset or a URL) and its labels; ``predict`` streams the training set
+    with :func:`kneighbors` and votes as scikit-learn's ``KNeighborsClassifier``
+    (ties to the lowest class; ``weights="distance"`` gives neighbours at distance 0
+    all the weight).
+
+    Parameters
+    ----------
+    n_neighbors : int, default 5
+    weights : {"uniform", "distance"}, default "uniform"
+    memory_budget : int or str, optional
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    n_samples_fit_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np, pipeline as pl
+    >>> X = np.array([[0.0], [1.0], [10.0], [11.0]])
+    >>> clf = pl.KNeighborsClassifier(n_neighbors=3).fit(X, [0, 0, 1, 1])
+    >>> clf.predict(np.array([[0.5], [10.5]])).tolist()
+    [0, 1]
+    """
+
+    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.memory_budget = memory_budget
+
+    # scikit-learn conventions, without depending on it
+    @classmethod
+    def _get_param_names(cls):
+        return ["memory_budget", "n_neighbors", "weights"]
+
+    def get_params(self, deep=True):
+        """Parameters of this estimator (scikit-learn convention)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params):
+        """Set parameters (scikit-learn convention); returns self."""
+        valid = self._get_param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise InputError(f"invalid parameter {key!r} for KNeighborsClassifier; valid: {', '.join(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"KNeighborsClassifier({args})"
+
+    def _validate_params(self):
+        if self.weights not in ("uniform", "distance"):
+            raise InputError(f"weights={self.weights!r}; choose 'uniform' or 'distance'")
+        if isinstance(self.n_neighbors, bool) or not isinstance(self.n_neighbors, (int, np.integer)) \
+                or self.n_neighbors < 1:
+            raise InputError(f"n_neighbors={self.n_neighbors!r} must be a whole number >= 1")
+
+    def fit(self, X, y=None):
+        """Remember the training set and its labels (no pass over the data).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, n_features), Dataset or URL
+        y : array-like of shape (n_train,), optional
+            Labels; a Dataset or URL with labels ``y`` provides its own.
+
+        Returns
+        -------
+        self
+        """
+        from .storage import Dataset, as_array, as_labels, open_dataset
+
+        self._validate_params()
+        src = open_dataset(X) if isinstance(X, (str,)) or hasattr(X, "__fspath__") else X
+        Xd = as_array(src, "X")
+        if y is None and isinstance(src, Dataset):
+            y = src.y
+        if y is None:
+            raise InputError(
+                "KNeighborsClassifier.fit needs training labels: pass y, or a dataset that holds labels 'y'"
+            )
+        labels = as_labels(y, Xd.shape[0])
+        _check_k(self.n_neighbors, Xd.shape[0])
+        self.classes_, self._y = np.unique(labels, return_inverse=True)
+        self._fit_X = src
+        self.n_samples_fit_ = int(Xd.shape[0])
+        self.n_features_in_ = int(Xd.shape[1])
+        return self
+
+    def _check_fitted(self):
+        if not hasattr(self, "classes_"):
+            raise InputError("this KNeighborsClassifier is not fitted yet; call fit(X, y) first")
+
+    def kneighbors(self, X, n_neighbors=None, return_distance=True):
+        """Exact neighbours of ``X`` in the training set (see :func:`kneighbors`)."""
+        self._check_fitted()
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        return kneighbors(X, self._fit_X, k, memory_budget=self.memory_budget,
+                          return_distance=return_distance)
+
+    def _vote(self, X):
+        self._check_fitted()
+        self._validate_params()
+        dist, ind = self.kneighbors(X)
+        return _topk.vote(self._y[ind], dist, self.classes_, self.weights)
+
+    def predict(self, X):
+        """Predicted class of every query row, shape (n_query,)."""
+        return self._vote(X)[0]
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_query, n_classes), columns in ``classes_`` order."""
+        return self._vote(X)[1]
+
+    def score(self, X, y):
+        """Mean accuracy of ``predict(X)`` against ``y``."""
+        from .storage import as_labels
+
+        pred = self.predict(X)
+        return float(np.mean(pred == as_labels(y, pred.shape[0])))
+
+
+# ----------------------------------------------------------------------------- store
+
+def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, overwrite=False):
+    """Exact k-NN of a query dataset in a training dataset, written to a result store.
+
+    Writes ``indices`` int64 (n_query, k), ``distances`` float64 (n_query, k) and,
+    when the training set has labels, ``predictions`` (n_query,); when the query set
+    has labels too, the accuracy goes into the attributes.  The store is marked
+    complete only after everything is written.
+
+    Returns
+    -------
+    dict
+        A summary for the command line (rows, k, accuracy when known, output).
+
+    Examples
+    --------
+    >>> import pipeline as pl                                         # doctest: +SKIP
+    >>> pl.neighbors.write_knn("test.zarr", "train.zarr", "knn.zarr")  # doctest: +SKIP
+    {'queries': 1000, 'k': 5, 'accuracy': 0.91, 'output': 'knn.zarr'}
+    """
+    from .storage import Dataset, as_array, job_fingerprint, mark_complete, open_dataset, open_result_for_write
+
+    if weights not in ("uniform", "distance"):
+        raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
+    qsrc = open_dataset(query) if isinstance(query, str) or hasattr(query, "__fspath__") else query
+    tsrc = open_dataset(train) if isinstance(train, str) or hasattr(train, "__fspath__") else train
+    qd, td = as_array(qsrc, "QUERY"), as_array(tsrc, "TRAIN")
+    _check_features(qd, td, "QUERY", "TRAIN")
+    k = _check_k(k, td.shape[0], "k")
+    job = job_fingerprint(op="knn", query=str(query), train=str(train), k=k, weights=weights)
+    group, status = open_result_for_write(out, "neighbors", job, overwrite)
+    if status == "complete":
+        attrs = dict(group.attrs["pipeline"])
+        summary = {"status": "already complete", "queries": attrs.get("n_query"), "k": k}
+        if "accuracy" in attrs:
+            summary["accuracy"] = attrs["accuracy"]
+        summary["output"] = str(out)
+        return summary
+    dist, ind = kneighbors(qsrc, tsrc, k, memory_budget=memory_budget)
+    rows = min(ind.shape[0], max(1, (32 * 2**20) // (16 * k)))
+    group.create_array("indices", data=ind, chunks=(rows, k))
+    group.create_array("distances", data=dist, chunks=(rows, k))
+    summary = {"queries": int(ind.shape[0]), "k": k}
+    attrs = {"n_query": int(ind.shape[0]), "n_train": int(td.shape[0]), "k": k, "weights": weights}
+    ytrain = tsrc.y if isinstance(tsrc, Dataset) else None
+    if ytrain is not None:
+        classes, enc = np.unique(np.asarray(ytrain.compute()), return_inverse=True)
+        pred, _ = _topk.vote(enc[ind], dist, classes, weights)
+        group.create_array("predictions", data=pred, chunks=(min(pred.shape[0], 8 * 2**20),))
+        yq = qsrc.y if isinstance(qsrc, Dataset) else None
+        if yq is not None:
+            acc = float(np.mean(pred == np.asarray(yq.compute())))
+            attrs["accuracy"] = acc
+            summary["accuracy"] = round(acc, 6)
+    summary["output"] = str(out)
+    mark_complete(group, **attrs)
+    return summary
