@@ -236,23 +236,33 @@ def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
     return items
 
 
-def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4):
+def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0):
+    # Mirrors pipeline.kernels.gaussian.em_block_stats and pipeline.mixture's graph.
     d, K = n_features, n_components
-    # With one group every component's factors are held; with several, a pass holds
-    # only its group's (the per-row log-sum-exp of earlier passes is (rows,) per block).
-    params = group * d * d * 8 + 2 * K * d * 8
-    stats = group * d * d * 8 + group * d * 8 + group * 8
+    inner = min(rows, 2048)  # pipeline.kernels.gaussian.INNER_ROWS: rows per slice in a block
+    grouped = group < K
+    # The driver holds the parameters (factors, covariances, the concatenated factors
+    # shared with the tasks) and, at the M-step, the summed scatter and its temporaries;
+    # with component groups it also keeps every group's concatenated factors and the
+    # per-row normaliser (8 bytes a row, persisted between the two passes).
+    full = K * d * d * 8
     items = [
-        CostItem("parameters", params, 1, "precision Cholesky factors + means, one shared key"),
-        CostItem("X block (float64)", rows * d * 8, threads, "read and converted"),
+        CostItem("parameters + M-step (driver)", (7 if grouped else 6) * full + 4 * K * d * 8, 1,
+                 "factors, covariances, shared key, summed scatter"),
+    ]
+    if grouped:
+        items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 1, "between the two passes of a group"))
+    items += [
+        CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"),
     ]
     if itemsize != 8:
-        items.append(CostItem("stored-dtype copy", rows * d * itemsize, threads, "before conversion"))
+        items.append(CostItem("X block as float64", rows * d * 8, threads, "converted per block"))
     items += [
-        CostItem("X @ P for a component group", rows * group * d * 8, threads, "one GEMM per group"),
-        CostItem("log-probabilities, responsibilities", 3 * rows * K * 8, threads, "(rows, K) float64"),
-        CostItem("weighted block", rows * d * 8, threads, "sqrt(r) (x - shift) for the scatter GEMM"),
-        CostItem("sufficient statistics", stats, threads + split_every, "N, S1, S2 per task and in the tree"),
+        CostItem("X @ [P_1..P_g] slice", inner * group * d * 8, threads, f"{inner} rows at a time, one GEMM"),
+        CostItem("log-probabilities, responsibilities", 3 * inner * K * 8 + 2 * rows * K * 8 * grouped, threads, "(rows, K) float64"),
+        CostItem("weighted slice", inner * d * 8, threads, "sqrt(r) (x - shift) for the scatter syrk"),
+        CostItem("sufficient statistics", group * (d * d + d + 1) * 8, 2 * threads + split_every + 1,
+                 "N, S1, S2: per task (sum + slice) and in the tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
     return items
@@ -379,7 +389,8 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
 
     def cost(rows, group):
-        return _cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads)
+        return _cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads,
+                         n_samples=n)
 
     peak = lambda rows, group: sum(i.total for i in cost(rows, group))
     # Aim for row blocks of at least 1024 rows (GEMM efficiency); shrink the component

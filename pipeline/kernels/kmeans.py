@@ -22,17 +22,7 @@ import numpy as np
 
 from .gaussian import resp_block_stats
 
-try:  # the shared distance kernel (pipeline/kernels/distances.py)
-    from .distances import sq_euclidean as _sq_euclidean
-except ImportError:  # pragma: no cover - only while that module is being written
-    def _sq_euclidean(X, Y, X_norm_sq=None, Y_norm_sq=None, *, upcast=False):
-        xx = np.einsum("ij,ij->i", X, X) if X_norm_sq is None else X_norm_sq
-        yy = np.einsum("ij,ij->i", Y, Y) if Y_norm_sq is None else Y_norm_sq
-        D = -2.0 * (X @ Y.T)
-        D += xx[:, None]
-        D += yy[None, :]
-        np.maximum(D, 0.0, out=D)
-        return D
+from .distances import sq_euclidean as _sq_euclidean
 
 __all__ = [
     "sq_distances",
