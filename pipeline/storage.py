@@ -95,6 +95,24 @@ def _open_group(url, what="dataset"):
     return node
 
 
+def _member(group, name, where):
+    """``group[name]`` or None, refusing arrays whose metadata zarr cannot accept."""
+    try:
+        if name not in group:
+            return None
+        arr = group[name]
+    except (ValueError, TypeError) as e:
+        text = str(e).lower()
+        if "pickle" in text or "object" in text:
+            raise InputError(
+                f"{where} has an object dtype or a pickle-based codec; pipeline refuses to "
+                "decode it (it could run code); rewrite it as a numeric array"
+            ) from None
+        raise InputError(f"{where} cannot be opened ({e}); rewrite it with pipeline") from None
+    _check_safe(arr, where)
+    return arr
+
+
 def _check_safe(arr, where):
     """Refuse object dtypes and pickle-based codecs unread: decoding them could run code."""
     dtype = arr.dtype
@@ -174,10 +192,9 @@ def open_dataset(url) -> Dataset:
     attrs = dict(g.attrs.get("pipeline", {}))
     if attrs.get("kind", "dataset") != "dataset":
         raise InputError(f"{url!r} holds a {attrs['kind']} result, not a dataset")
-    if "X" not in g:
+    X = _member(g, "X", f"array 'X' of {url!r}")
+    if X is None:
         raise InputError(f"{url!r} has no array 'X'; a dataset group holds X (and optionally y)")
-    X = g["X"]
-    _check_safe(X, f"array 'X' of {url!r}")
     if X.ndim != 2 or not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise InputError(f"array 'X' of {url!r} must be 2-D numeric, got {X.ndim}-D {X.dtype}")
     if attrs and not attrs.get("complete", False):
@@ -185,10 +202,9 @@ def open_dataset(url) -> Dataset:
             f"dataset {url!r} is incomplete (its writing was interrupted); write it again "
             "with --overwrite"
         )
-    y = yz = None
-    if "y" in g:
-        yz = g["y"]
-        _check_safe(yz, f"array 'y' of {url!r}")
+    y = None
+    yz = _member(g, "y", f"array 'y' of {url!r}")
+    if yz is not None:
         if yz.shape != (X.shape[0],):
             raise InputError(f"labels 'y' of {url!r} have shape {yz.shape}; expected ({X.shape[0]},)")
         y = da.from_zarr(yz)
@@ -553,10 +569,11 @@ def _blobs_block(centers, labels_of, seed, std, dtype, block_info=None):
     (start, stop), _ = block_info[None]["array-location"]
     rng = _block_rng(seed, i)
     lab = labels_of(start, stop, len(centers), seed)
-    X = rng.standard_normal((stop - start, centers.shape[1]), dtype=np.float64)
+    # Generated in the working dtype, in place: two block-sized buffers, not four.
+    X = rng.standard_normal((stop - start, centers.shape[1]), dtype=dtype)
     X *= std
     X += centers[lab]
-    return X.astype(dtype, copy=False)
+    return X
 
 
 def _labels_of(start, stop, n_centers, seed):
@@ -570,10 +587,12 @@ def _label_block(n_centers, seed, block_info=None):
 
 
 def _generated(url, n_samples, n_features, dtype, chunk_rows, memory_budget, make_X,
-               n_centers, seed, attrs, overwrite, compressor):
+               n_centers, seed, attrs, overwrite, compressor, work_itemsize=None):
     import dask.array as da
 
-    rows = _choose_chunk_rows(n_samples, n_features * np.dtype(dtype).itemsize, chunk_rows, memory_budget)
+    # Blocks are generated in a float dtype (work_itemsize) and cast to `dtype`.
+    row_bytes = n_features * max(np.dtype(dtype).itemsize, work_itemsize or 0)
+    rows = _choose_chunk_rows(n_samples, row_bytes, chunk_rows, memory_budget)
     chunks0 = tuple(min(rows, n_samples - s) for s in range(0, n_samples, rows))
     X = da.map_blocks(make_X, chunks=(chunks0, (n_features,)), dtype=dtype,
                       token="pipeline-generate-X", meta=np.empty((0, 0), dtype))
@@ -633,6 +652,8 @@ def make_blobs(url, n_samples, n_features, centers=8, dtype="float32", random_st
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2**32 - 1]))
     C = rng.uniform(center_box[0], center_box[1], size=(int(centers), n_features))
 
+    C = C.astype(dt)
+
     def make_X(block_info=None):
         return _blobs_block(C, _labels_of, seed, cluster_std, dt, block_info)
 
@@ -686,8 +707,10 @@ def make_cifar_like(url, n_samples, n_features=3072, n_classes=10, random_state=
     else:  # not an image shape: plain per-class patterns
         T = 127.5 + 87.5 * np.sin(np.outer(np.arange(1, n_classes + 1), np.linspace(0, 6, n_features)))
 
+    T = T.astype(np.float32)
+
     def make_X(block_info=None):
-        X = _blobs_block(T, _labels_of, seed, noise, np.float64, block_info)
+        X = _blobs_block(T, _labels_of, seed, noise, np.float32, block_info)
         np.clip(X, 0, 255, out=X)
         return np.rint(X).astype(np.uint8)
 
@@ -695,7 +718,7 @@ def make_cifar_like(url, n_samples, n_features=3072, n_classes=10, random_state=
                            generator={"n_classes": int(n_classes), "random_state": seed, "noise": noise,
                                       "class_seed": int(class_seed)})
     return _generated(url, n_samples, n_features, np.uint8, chunk_rows, memory_budget, make_X,
-                      int(n_classes), seed, attrs, overwrite, compressor)
+                      int(n_classes), seed, attrs, overwrite, compressor, work_itemsize=4)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,136 @@
+"""Shared fixtures: stores on disk and in memory, a real dask cluster, memory probes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request, tmp_path):
+    """A factory of fresh store URLs: a local directory or an fsspec memory:// URL."""
+
+    def make(name="ds"):
+        if request.param == "local":
+            return str(tmp_path / f"{name}.zarr")
+        return f"memory://{uuid.uuid4().hex}/{name}"
+
+    make.kind = request.param
+    return make
+
+
+def _wait_for(path, timeout=60):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            try:
+                return json.loads(Path(path).read_text())
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not appear within {timeout} s")
+
+
+class RealCluster:
+    """A `dask scheduler` and `dask worker` processes on 127.0.0.1."""
+
+    def __init__(self, n_workers=2, nthreads=1, memory_limit="2GiB"):
+        self.dir = tempfile.mkdtemp(prefix="pipeline-cluster-")
+        self.scheduler_file = os.path.join(self.dir, "scheduler.json")
+        self.procs = []
+        bindir = os.path.dirname(sys.executable)
+        dask = os.path.join(bindir, "dask")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+        log = open(os.path.join(self.dir, "scheduler.log"), "w")
+        self.procs.append(subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+             "--scheduler-file", self.scheduler_file], stdout=log, stderr=subprocess.STDOUT, env=env))
+        info = _wait_for(self.scheduler_file)
+        self.address = info["address"]
+        self.dashboard_port = info.get("services", {}).get("dashboard")
+        self.workers = []
+        for i in range(n_workers):
+            self.add_worker(nthreads, memory_limit, name=f"w{i}")
+        self.wait_for_workers(n_workers)
+
+    def add_worker(self, nthreads=1, memory_limit="2GiB", name=None):
+        bindir = os.path.dirname(sys.executable)
+        log = open(os.path.join(self.dir, f"worker-{len(self.workers)}.log"), "w")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+        p = subprocess.Popen(
+            [os.path.join(bindir, "dask"), "worker", self.address, "--nthreads", str(nthreads),
+             "--nworkers", "1", "--memory-limit", memory_limit, "--host", "127.0.0.1",
+             "--no-dashboard"] + (["--name", name] if name else []),
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs.append(p)
+        self.workers.append(p)
+        return p
+
+    def wait_for_workers(self, n, timeout=60):
+        from distributed import Client
+
+        with Client(self.address, timeout=timeout) as c:
+            c.wait_for_workers(n, timeout=timeout)
+
+    def close(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real `dask scheduler` + two single-threaded `dask worker` processes."""
+    cluster = RealCluster(n_workers=2, nthreads=1)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def run_measured(code, *, setup="", imports="import pipeline, numpy, dask.array, zarr", timeout=600):
+    """Run ``code`` in a fresh Python; return (peak RSS above idle in bytes, stdout).
+
+    The idle reference is a separate process that runs the same ``imports`` and
+    ``setup`` (and a tiny GEMM, so BLAS has loaded) and nothing else: the difference is
+    what the operation added, which is what a memory budget promises.
+    """
+    prelude = textwrap.dedent(f"""
+        import resource, sys
+        {imports}
+        import numpy as _np
+        _np.ones((64, 64)) @ _np.ones((64, 64))
+    """)
+    probe = textwrap.dedent("""
+        import resource, sys
+        print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    peaks, out = [], ""
+    for body in ("", textwrap.dedent(code)):
+        src = prelude + textwrap.dedent(setup) + "\n" + body + "\n" + probe
+        r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("PEAK")][-1]
+        peaks.append(int(line.split()[1]))
+        out = r.stdout
+    return peaks[1] - peaks[0], out
