@@ -12,7 +12,10 @@ Examples
 """
 
 from .budget import Plan, parse_budget, plan
+from .distances import pairwise_distances
 from .errors import BudgetError, DataError, InputError, PipelineError
+from .mixture import GaussianMixture, em_step
+from .neighbors import KNeighborsClassifier, kneighbors
 from .storage import (Dataset, ingest, make_blobs, make_cifar_like, open_dataset,
                       write_dataset)
 
@@ -21,22 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Dataset", "open_dataset", "write_dataset", "ingest", "make_blobs", "make_cifar_like",
     "plan", "Plan", "parse_budget",
+    "pairwise_distances", "kneighbors", "KNeighborsClassifier",
+    "GaussianMixture", "em_step",
     "PipelineError", "InputError", "BudgetError", "DataError",
 ]
-
-# Operations that land in their own modules; each is exported once it exists.
-try:
-    from .distances import pairwise_distances  # noqa: F401
-    __all__ += ["pairwise_distances"]
-except ImportError:  # pragma: no cover - transitional
-    pass
-try:
-    from .neighbors import KNeighborsClassifier, kneighbors  # noqa: F401
-    __all__ += ["kneighbors", "KNeighborsClassifier"]
-except ImportError:  # pragma: no cover - transitional
-    pass
-try:
-    from .mixture import GaussianMixture, em_step  # noqa: F401
-    __all__ += ["GaussianMixture", "em_step"]
-except ImportError:  # pragma: no cover - transitional
-    pass
