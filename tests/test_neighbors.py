@@ -1,0 +1,271 @@
+"""Exact k-NN against cdist + stable argsort, and the classifier against scikit-learn."""
+
+import pickle
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy.spatial.distance import cdist
+from sklearn.base import clone
+from sklearn.datasets import load_digits, load_iris
+from sklearn.neighbors import KNeighborsClassifier as SkKNN
+
+import pipeline as pl
+from pipeline.cli import main
+from pipeline.errors import InputError
+
+
+def _ref(X, Y, k):
+    """Reference: float64 cdist; stable argsort keeps tied distances in index order."""
+    D = cdist(np.asarray(X, np.float64), np.asarray(Y, np.float64))
+    ind = np.argsort(D, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(D, ind, 1), ind
+
+
+def _check(X, Y, k, ref=None, **kw):
+    dist, ind = pl.kneighbors(X, Y, k, **kw)
+    rd, ri = _ref(*(ref or (X, Y)), k)
+    np.testing.assert_array_equal(ind, ri)
+    # Distances are exact float64 differences: only the summation order differs
+    # from cdist, a few ulps.
+    np.testing.assert_allclose(dist, rd, rtol=1e-12, atol=1e-12)
+    assert ind.dtype == np.int64 and dist.dtype == np.float64
+    return dist, ind
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X, y
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.uint8])
+@pytest.mark.parametrize("k", [1, 5, 17])
+def test_digits_query_is_train_many_ties(digits, dtype, k):
+    # Digits are small integers: many exactly equal distances; the query set is the
+    # training set, so every row's nearest neighbour is itself at distance 0.
+    X = digits[0][:600].astype(dtype)
+    dist, ind = _check(X, X, k, train_rows=97, query_rows=250)
+    assert (dist[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("rows", [(1, 7), (40, 1), (40, 600), (5, 599), (39, 64), (3, 97)])
+def test_result_does_not_depend_on_chunking(digits, rows):
+    X = digits[0][:600].astype(np.float32)
+    Q = X[::15] + 0.5
+    _check(Q, X, 6, query_rows=rows[0], train_rows=rows[1])
+
+
+@pytest.mark.parametrize("split_every", [2, 3, 16])
+def test_tree_width_changes_nothing(split_every):
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((500, 8))
+    X = rng.standard_normal((40, 8))
+    _check(X, Y, 4, train_rows=23, split_every=split_every)
+
+
+def test_k_up_to_n_train_and_margin_zero():
+    rng = np.random.default_rng(1)
+    Y = rng.integers(0, 3, (37, 4)).astype(np.float32)  # heavy ties
+    X = rng.integers(0, 3, (11, 4)).astype(np.float32)
+    for k in (1, 36, 37):
+        _check(X, Y, k, train_rows=5)
+        _check(X, Y, k, train_rows=5, margin=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_train=st.integers(1, 60),
+    n_query=st.integers(1, 20),
+    d=st.integers(1, 12),
+    data=st.data(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    levels=st.sampled_from([None, 3]),
+)
+def test_hypothesis_shapes_chunkings(n_train, n_query, d, data, dtype, levels):
+    k = data.draw(st.integers(1, n_train))
+    tr = data.draw(st.integers(1, n_train))
+    qr = data.draw(st.integers(1, n_query))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    if levels:
+        Y = rng.integers(0, levels, (n_train, d)).astype(dtype)
+        X = rng.integers(0, levels, (n_query, d)).astype(dtype)
+    else:
+        Y = (rng.standard_normal((n_train, d)) * 10 + 100).astype(dtype)
+        X = (rng.standard_normal((n_query, d)) * 10 + 100).astype(dtype)
+    _check(X, Y, k, query_rows=qr, train_rows=tr)
+
+
+def test_float32_far_from_origin_exact():
+    rng = np.random.default_rng(2)
+    Y = (1e4 + rng.standard_normal((400, 30))).astype(np.float32)
+    X = (1e4 + rng.standard_normal((25, 30))).astype(np.float32)
+    _check(X, Y, 5, train_rows=50)
+
+
+@pytest.mark.parametrize("budget", ["48MiB", "64MiB", "1GiB"])
+def test_budgets_and_dask_and_zarr_inputs(tmp_path, digits, budget):
+    X = digits[0].astype(np.float32)
+    ds = pl.write_dataset(tmp_path / "d.zarr", X, chunk_rows=300)
+    Q = da.from_array(X[:200] + 0.25, chunks=(70, 64))
+    _check(Q, ds, 3, ref=(X[:200] + 0.25, X), memory_budget=budget)
+    _check(X[:50], str(tmp_path / "d.zarr"), 3, ref=(X[:50], X), memory_budget=budget)
+
+
+def test_graph_keys_and_no_data_embedded(tmp_path):
+    from pipeline.neighbors import _arrays, _records_graph
+
+    rng = np.random.default_rng(3)
+    pl.write_dataset(tmp_path / "t.zarr", rng.standard_normal((3000, 16)), chunk_rows=500)
+    pl.write_dataset(tmp_path / "q.zarr", rng.standard_normal((100, 16)), chunk_rows=100)
+    Xd, Yd, k, _ = _arrays(str(tmp_path / "q.zarr"), str(tmp_path / "t.zarr"), "64MiB", 5, None, 500)
+    g = _records_graph(Xd, Yd, k, margin=3, split_every=4)
+    names = {key[0] if isinstance(key, tuple) else key for key in g.__dask_graph__()}
+    assert any(n.startswith("pipeline-knn-topk-") for n in names)
+    assert any(n.startswith("pipeline-knn-merge") for n in names)
+    assert any(n.startswith("pipeline-knn-query-") for n in names)
+    # Chunk references only: the pickled graph is far smaller than the data (384 KB).
+    assert len(pickle.dumps(dict(g.__dask_graph__()))) < 100_000
+
+
+# ------------------------------------------------------------------------ classifier
+
+def _iris():
+    X, y = load_iris(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    return X[order], y[order]
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_classifier_matches_sklearn_iris(weights, k):
+    X, y = _iris()
+    labels = np.array(["setosa", "versicolor", "virginica"])[y]
+    Xtr, ytr, Xte = X[:100], labels[:100], X[50:]  # overlap: zero distances
+    ours = pl.KNeighborsClassifier(n_neighbors=k, weights=weights).fit(Xtr, ytr)
+    ref = SkKNN(n_neighbors=k, weights=weights, algorithm="brute").fit(Xtr, ytr)
+    np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
+    # scikit-learn's expansion leaves ~1e-8 instead of 0 for a training row queried
+    # again; its weight 1/1e-8 then dominates the same way the exact rule does.
+    np.testing.assert_allclose(ours.predict_proba(Xte), ref.predict_proba(Xte), atol=1e-6)
+    assert ours.score(Xte, labels[50:]) == pytest.approx(ref.score(Xte, labels[50:]))
+    np.testing.assert_array_equal(ours.classes_, ref.classes_)
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_classifier_matches_sklearn_digits(digits, weights):
+    X, y = digits
+    Xtr, ytr, Xte = X[:1200], y[:1200], X[1200:] + 0.0
+    ours = pl.KNeighborsClassifier(n_neighbors=7, weights=weights, memory_budget="64MiB").fit(Xtr, ytr)
+    ref = SkKNN(n_neighbors=7, weights=weights, algorithm="brute").fit(Xtr, ytr)
+    np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
+    np.testing.assert_allclose(ours.predict_proba(Xte), ref.predict_proba(Xte), rtol=1e-9, atol=1e-12)
+    d1, i1 = ours.kneighbors(Xte)
+    d2, i2 = ref.kneighbors(Xte)
+    np.testing.assert_allclose(d1, d2, rtol=1e-9, atol=1e-7)
+
+
+def test_classifier_params_clone_and_dataset_labels(tmp_path, digits):
+    clf = pl.KNeighborsClassifier(n_neighbors=3, weights="distance", memory_budget="64MiB")
+    assert clf.get_params() == {"n_neighbors": 3, "weights": "distance", "memory_budget": "64MiB"}
+    c2 = clone(clf)
+    assert c2.get_params() == clf.get_params() and c2 is not clf
+    assert clf.set_params(n_neighbors=4) is clf and clf.n_neighbors == 4
+    with pytest.raises(InputError, match="invalid parameter"):
+        clf.set_params(bogus=1)
+    X, y = digits
+    ds = pl.write_dataset(tmp_path / "tr.zarr", X[:500], y=y[:500])
+    clf.fit(str(tmp_path / "tr.zarr"))  # labels come from the dataset
+    ref = SkKNN(n_neighbors=4, weights="distance", algorithm="brute").fit(X[:500], y[:500])
+    np.testing.assert_array_equal(clf.predict(X[500:700]), ref.predict(X[500:700]))
+    assert ds.n_samples == 500
+
+
+def test_classifier_errors():
+    X = np.random.default_rng(0).standard_normal((10, 3))
+    with pytest.raises(InputError, match="not fitted"):
+        pl.KNeighborsClassifier().predict(X)
+    with pytest.raises(InputError, match="labels"):
+        pl.KNeighborsClassifier(n_neighbors=2).fit(X)
+    with pytest.raises(InputError, match="weights"):
+        pl.KNeighborsClassifier(weights="gaussian").fit(X, np.arange(10))
+    with pytest.raises(InputError, match="between 1 and"):
+        pl.KNeighborsClassifier(n_neighbors=11).fit(X, np.arange(10))
+
+
+# ---------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("k", [0, -1, 11, 2.5, True])
+def test_bad_k(k):
+    X = np.ones((10, 3))
+    with pytest.raises(InputError, match="n_neighbors"):
+        pl.kneighbors(X, X, k)
+
+
+def test_bad_features_empty_and_nonfinite():
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((30, 4))
+    with pytest.raises(InputError, match="4 features but Y has 5|has 5 features but Y has 4"):
+        pl.kneighbors(rng.standard_normal((3, 5)), Y, 2)
+    with pytest.raises(InputError, match="empty"):
+        pl.kneighbors(np.empty((0, 4)), Y, 2)
+    with pytest.raises(InputError, match="empty"):
+        pl.kneighbors(Y, np.empty((0, 4)), 1)
+    X = Y[:5].copy()
+    X[3, 1] = np.nan
+    with pytest.raises(InputError, match=r"X \(the query set\).*row\(s\) 3\b"):
+        pl.kneighbors(X, Y, 2)
+    Yb = Y.copy()
+    Yb[[4, 27], 0] = [np.inf, -np.inf]
+    with pytest.raises(InputError, match=r"Y \(the training set\).*row\(s\) 4, 27;"):
+        pl.kneighbors(Y[:5], Yb, 2, train_rows=7)
+
+
+# ---------------------------------------------------------------------------- store
+
+def test_write_knn_and_cli(tmp_path, digits, capsys):
+    X, y = digits
+    tr, te = str(tmp_path / "train.zarr"), str(tmp_path / "test.zarr")
+    pl.write_dataset(tr, X[:1400], y=y[:1400], chunk_rows=256)
+    pl.write_dataset(te, X[1400:], y=y[1400:], chunk_rows=100)
+    out = str(tmp_path / "knn.zarr")
+    assert main(["knn", te, tr, out, "--k", "5", "--memory-budget", "64MiB", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    ref = SkKNN(n_neighbors=5, algorithm="brute").fit(X[:1400], y[:1400])
+    acc = ref.score(X[1400:], y[1400:])
+    assert f"accuracy: {round(acc, 6)}" in printed
+    import zarr
+
+    g = zarr.open_group(out, mode="r")
+    meta = g.attrs["pipeline"]
+    assert meta["kind"] == "neighbors" and meta["complete"] and meta["accuracy"] == pytest.approx(acc)
+    assert g["indices"].dtype == np.int64 and g["indices"].shape == (397, 5)
+    np.testing.assert_array_equal(g["predictions"][:], ref.predict(X[1400:]))
+    _, ri = _ref(X[1400:], X[:1400], 5)
+    np.testing.assert_array_equal(g["indices"][:], ri)
+    # Same job again: already complete, exit 0; another job at OUT: refused (exit 2).
+    assert main(["knn", te, tr, out, "--k", "5", "--no-progress"]) == 0
+    assert main(["knn", te, tr, out, "--k", "4", "--no-progress"]) == 2
+    assert main(["knn", te, tr, str(tmp_path / "o2.zarr"), "--k", "0", "--no-progress"]) == 2
+    assert main(["knn", te, tr, str(tmp_path / "o3.zarr"), "--k", "1401", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "k=0" in err and "1401" in err
+
+
+def test_kneighbors_on_real_cluster(tmp_path, dask_cluster):
+    from distributed import Client
+
+    rng = np.random.default_rng(5)
+    Y = rng.standard_normal((900, 12)).astype(np.float32)
+    X = rng.standard_normal((50, 12)).astype(np.float32)
+    pl.write_dataset(tmp_path / "t.zarr", Y, chunk_rows=200)
+    with Client(dask_cluster.address):
+        dist, ind = pl.kneighbors(X, str(tmp_path / "t.zarr"), 4, train_rows=200)
+        Yb = Y.copy()
+        Yb[11, 0] = np.nan
+        pl.write_dataset(tmp_path / "bad.zarr", Yb, chunk_rows=200)
+        with pytest.raises(InputError, match="row\\(s\\) 11"):
+            pl.kneighbors(X, str(tmp_path / "bad.zarr"), 4)
+    rd, ri = _ref(X, Y, 4)
+    np.testing.assert_array_equal(ind, ri)
