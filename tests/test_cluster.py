@@ -94,3 +94,20 @@ def test_python_m_pipeline_runs_as_a_subprocess(tmp_path):
                         "--n-samples", "100", "--n-features", "3"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "wrote Dataset" in r.stdout and "peak memory" in r.stderr
+
+
+def test_knn_through_tcp_scheduler_matches_threads(tmp_path, dask_cluster):
+    import zarr
+
+    from pipeline.cli import main
+
+    pl.make_cifar_like(tmp_path / "tr.zarr", 1500, random_state=1, chunk_rows=400)
+    pl.make_cifar_like(tmp_path / "te.zarr", 120, random_state=2)
+    base = ["knn", tmp_path / "te.zarr", tmp_path / "tr.zarr"]
+    assert main([str(a) for a in base + [tmp_path / "a.zarr", "--memory-budget", "64MiB"]]) == 0
+    assert main([str(a) for a in base + [tmp_path / "b.zarr", "--memory-budget", "64MiB",
+                                         "--scheduler", dask_cluster.address]]) == 0
+    a, b = (zarr.open_group(str(tmp_path / n), mode="r") for n in ("a.zarr", "b.zarr"))
+    for name in ("indices", "distances", "predictions"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert a.attrs["pipeline"]["accuracy"] == b.attrs["pipeline"]["accuracy"]
