@@ -56,8 +56,9 @@ def _code(tool, paths, case, iters):
         st = numpy.load({paths['start']!r})
         init = dict(weights_init=st["weights"], means_init=st["means"], precisions_init=st["precisions"])
     """
+    start = textwrap.dedent(start)
     if tool == "pipeline":
-        return start + f"""
+        return start + textwrap.dedent(f"""
             import time, warnings
             gm = pipeline.GaussianMixture({case['K']}, max_iter={iters}, tol=0.0,
                                           memory_budget={case['budget']!r}, **init)
@@ -68,9 +69,9 @@ def _code(tool, paths, case, iters):
             fit = time.perf_counter() - t
             print("RESULT", json.dumps({{"fit": fit, "n_iter": gm.n_iter_, "lower_bound": gm.lower_bound_,
                                         "rows": gm.plan_["rows"], "predicted_peak": gm.plan_.peak}}))
-        """
+        """)
     if tool == "sklearn":
-        return start + f"""
+        return start + textwrap.dedent(f"""
             import time, warnings
             X = zarr.open_group({paths['zarr']!r}, mode="r")["X"][...]
             gm = sklearn.mixture.GaussianMixture({case['K']}, max_iter={iters}, tol=0.0, **init)
@@ -80,7 +81,7 @@ def _code(tool, paths, case, iters):
                 gm.fit(X)
             fit = time.perf_counter() - t
             print("RESULT", json.dumps({{"fit": fit, "n_iter": gm.n_iter_, "lower_bound": gm.lower_bound_}}))
-        """
+        """)
     raise KeyError(tool)
 
 

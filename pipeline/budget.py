@@ -239,30 +239,27 @@ def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
 def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0):
     # Mirrors pipeline.kernels.gaussian.em_block_stats and pipeline.mixture's graph.
     d, K = n_features, n_components
-    inner = min(rows, 2048)  # pipeline.kernels.gaussian.INNER_ROWS: rows per slice in a block
     grouped = group < K
-    # The driver holds the parameters (factors, covariances, the concatenated factors
-    # shared with the tasks) and, at the M-step, the summed scatter and its temporaries;
-    # with component groups it also keeps every group's concatenated factors and the
-    # per-row normaliser (8 bytes a row, persisted between the two passes).
-    full = K * d * d * 8
-    items = [
-        CostItem("parameters + M-step (driver)", (7 if grouped else 6) * full + 4 * K * d * 8, 1,
-                 "factors, covariances, shared key, summed scatter"),
-    ]
+    # One fused pass works on slices of `inner` rows inside each block; a component
+    # group's pass (grouped plans) works on whole blocks.
+    inner = rows if grouped else min(rows, 2048)  # kernels.gaussian.INNER_ROWS
+    full, grp = K * d * d * 8, group * d * d * 8
+    # The driver holds theta_t's factors and covariances plus the concatenated factors
+    # shared with the tasks (one key); at the M-step, the summed scatter and
+    # theta_{t+1}'s covariances and factors (theta_t's are dropped first).
+    items = [CostItem("parameters (driver)", 3 * full + (grp if grouped else 0) + 4 * K * d * 8, 1,
+                      "factors, covariances, shared key / M-step")]
     if grouped:
-        items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 1, "between the two passes of a group"))
-    items += [
-        CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"),
-    ]
+        items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 2, "persisted between a group's passes"))
+    items.append(CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"))
     if itemsize != 8:
-        items.append(CostItem("X block as float64", rows * d * 8, threads, "converted per block"))
+        items.append(CostItem("X as float64", inner * d * 8, threads, "converted per slice"))
     items += [
         CostItem("X @ [P_1..P_g] slice", inner * group * d * 8, threads, f"{inner} rows at a time, one GEMM"),
-        CostItem("log-probabilities, responsibilities", 3 * inner * K * 8 + 2 * rows * K * 8 * grouped, threads, "(rows, K) float64"),
-        CostItem("weighted slice", inner * d * 8, threads, "sqrt(r) (x - shift) for the scatter syrk"),
-        CostItem("sufficient statistics", group * (d * d + d + 1) * 8, 2 * threads + split_every + 1,
-                 "N, S1, S2: per task (sum + slice) and in the tree"),
+        CostItem("log-probabilities, responsibilities", 3 * inner * K * 8, threads, "(rows, K) float64"),
+        CostItem("weighted rows", 2 * inner * d * 8, threads, "r-selected x - shift, for the scatter syrk"),
+        CostItem("sufficient statistics", group * (d * d + d + 1) * 8, threads + split_every + 1,
+                 "N, S1, S2: a task's accumulator, and in the tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
     return items

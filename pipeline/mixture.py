@@ -108,6 +108,17 @@ def _compute(*objs, label=None):
     return compute(*objs, label=label)
 
 
+def _persist(*objs):
+    """dask.persist with BLAS threads limited as pipeline.cluster.compute does."""
+    import dask
+    from threadpoolctl import threadpool_limits
+
+    from .cluster import blas_threads_for, dask_threads
+
+    with threadpool_limits(limits=blas_threads_for(dask_threads()), user_api="blas"):
+        return dask.persist(*objs)
+
+
 def _em_chunk(block, prepared):
     return _g.em_block_stats(block, prepared=prepared)
 
@@ -135,21 +146,24 @@ def _em_step_grouped(X, weights, means, precisions_cholesky, shift, group, split
 
     K = len(weights)
     bounds = [(a, min(a + group, K)) for a in range(0, K, group)]
-    preps = [_g.prepare_parameters(weights[a:b], means[a:b], precisions_cholesky[a:b],
-                                   shift=shift[a:b]) for a, b in bounds]
-    # The weights of a group are not normalised on their own: use the global log-weights.
-    for p, (a, b) in zip(preps, bounds):
-        with np.errstate(divide="ignore"):
-            p["log_weights"] = np.log(np.asarray(weights[a:b], dtype=np.float64))
+
+    def prep(a, b):
+        # Made per pass, not kept for all groups: one group's factors at a time.
+        p = _g.prepare_parameters(weights[a:b], means[a:b], precisions_cholesky[a:b], shift=shift[a:b])
+        # prepare_parameters takes log(weights) of the group's own weights: these are
+        # the global weights, not renormalised within the group, as the E-step needs.
+        return p
+
     lse = None
-    for i, p in enumerate(preps):
-        part = X.map_blocks(_lse_chunk, dask.delayed(p, traverse=False), drop_axis=1, dtype=np.float64,
-                            token=f"pipeline-em-lse{i}")
-        lse = part if lse is None else da.logaddexp(lse, part)
-    (lse,) = dask.persist(lse)
+    for i, (a, b) in enumerate(bounds):
+        part = X.map_blocks(_lse_chunk, dask.delayed(prep(a, b), traverse=False), drop_axis=1,
+                            dtype=np.float64, token=f"pipeline-em-lse{i}")
+        # Persist group by group: the running normaliser is (n,), the graph stays small.
+        (lse,) = _persist(part if lse is None else da.logaddexp(lse, part))
     lse_blocks = lse.to_delayed().ravel()
     out = None
-    for (a, b), p in zip(bounds, preps):
+    for a, b in bounds:
+        p = prep(a, b)
         # Separate computes per group: only one group's statistics are alive at a time.
         graph = _reduce_blocks(X, _group_stats_chunk, _g.combine_stats, p, "em-group",
                                split_every=split_every, extras=lse_blocks)
@@ -591,7 +605,12 @@ class GaussianMixture:
                 stats = em_step(X, params["weights"], params["means"], params["precisions_cholesky"],
                                 plan=plan)
                 lower_bound = _g.mean_log_likelihood(stats)
-                weights, means, cov = _g.params_from_stats(stats, params["means"], self.reg_covar)
+                shift = params["means"]
+                # Drop theta_t's (K, d, d) arrays before the M-step allocates theta_{t+1}'s
+                # (the cost model counts three such arrays in the driver).
+                params = None
+                weights, means, cov = _g.params_from_stats(stats, shift, self.reg_covar)
+                del stats
                 params = {"weights": weights, "means": means, "covariances": cov,
                           "precisions_cholesky": _precision_cholesky(cov)}
                 history.append(lower_bound)

@@ -540,10 +540,16 @@ def params_from_stats(stats, shift, reg_covar, *, n_samples=None):
     # sum r x = S1 + N s.
     means = (S1 + N[:, None] * shift) / nk[:, None]
     delta = means - shift
-    cross = S1[:, :, None] * delta[:, None, :]
-    scatter = S2 - cross - cross.transpose(0, 2, 1) + N[:, None, None] * (delta[:, :, None] * delta[:, None, :])
-    covariances = scatter / nk[:, None, None]
     d = means.shape[1]
-    covariances[:, np.arange(d), np.arange(d)] += reg_covar
+    # One component at a time: temporaries are (d, d), never (K, d, d).
+    covariances = np.empty_like(S2)
+    for k in range(len(N)):
+        cross = np.outer(S1[k], delta[k])
+        c = covariances[k]
+        np.subtract(S2[k], cross, out=c)
+        c -= cross.T
+        c += N[k] * np.outer(delta[k], delta[k])
+        c /= nk[k]
+        c[np.arange(d), np.arange(d)] += reg_covar
     weights = nk / (nk.sum() if n_samples is None else n_samples)
     return weights, means, covariances
