@@ -42,12 +42,15 @@ CASES = {
     # scikit-learn takes ~36 s an iteration here: one timed run of 3 iterations.
     "g2": dict(n=1_000_000, d=64, K=16, iters=10, tools=["pipeline", "sklearn"], budget="1GiB",
                sklearn_iters=3, sklearn_rounds=[1]),
-    "users": dict(n=1_000_000, d=900, K=2, iters=1, tools=["pipeline"], budget="2GiB"),
+    # The users' scale: one fused E+M pass (em_step + M-step) over 7.2 GB on disk.
+    "users": dict(n=1_000_000, d=900, K=2, iters=1, tools=["pipeline-step"], budget="2GiB",
+                  **{"pipeline-step_rounds": [1]}),
 }
 
 IMPORTS = {
     "pipeline": "import numpy, dask.array, zarr, pipeline, pipeline.mixture",
     "sklearn": "import numpy, zarr, sklearn.mixture",
+    "pipeline-step": "import numpy, dask.array, zarr, pipeline, pipeline.mixture",
 }
 
 
@@ -69,6 +72,23 @@ def _code(tool, paths, case, iters):
             fit = time.perf_counter() - t
             print("RESULT", json.dumps({{"fit": fit, "n_iter": gm.n_iter_, "lower_bound": gm.lower_bound_,
                                         "rows": gm.plan_["rows"], "predicted_peak": gm.plan_.peak}}))
+        """)
+    if tool == "pipeline-step":
+        return start + textwrap.dedent(f"""
+            import time
+            from pipeline.kernels import gaussian as g
+            ds = pipeline.open_dataset({paths['zarr']!r})
+            P = g.precision_cholesky_from_precisions(init["precisions_init"])
+            plan = pipeline.plan("gmm", n_samples=ds.n_samples, n_features=ds.n_features,
+                                 n_components={case['K']}, itemsize=8, memory_budget={case['budget']!r})
+            t = time.perf_counter()
+            stats = pipeline.em_step(ds.X, init["weights_init"], init["means_init"], P, plan=plan)
+            w, m, c = g.params_from_stats(stats, init["means_init"], 1e-6)
+            g.compute_precision_cholesky(c)
+            fit = time.perf_counter() - t
+            print("RESULT", json.dumps({{"fit": fit, "n_iter": 1, "lower_bound": g.mean_log_likelihood(stats),
+                                        "rows": plan["rows"], "predicted_peak": plan.peak,
+                                        "plan": plan.explain()}}))
         """)
     if tool == "sklearn":
         return start + textwrap.dedent(f"""
@@ -184,6 +204,18 @@ def _bench(name, case, runs, directory, gemm):
     if "sklearn" in summary and case.get("sklearn_iters", case["iters"]) == case["iters"]:
         a, b = summary["pipeline"]["lower_bound"], summary["sklearn"]["lower_bound"]
         summary["lower_bound_rel_diff"] = abs(a - b) / abs(b)
+    if name == "users":
+        from pipeline.budget import plan as _plan_fn
+        from pipeline.errors import BudgetError
+
+        try:
+            summary["plan_2M_10000_200"] = _plan_fn("gmm", n_samples=2_000_000, n_features=10_000,
+                                                    n_components=200, itemsize=8, memory_budget="20GiB",
+                                                    threads=2).explain()
+        except BudgetError as e:
+            summary["plan_2M_10000_200"] = str(e)
+        print(summary["plan_2M_10000_200"])
+        print(rows["pipeline-step"][-1].get("plan", ""))
     if "sklearn" in summary:
         summary["time_ratio"] = summary["pipeline"]["per_iter_s"] / summary["sklearn"]["per_iter_s"]
     return summary
@@ -194,7 +226,7 @@ def _table(results, gemm):
              "| case | tool | per iteration | wall (end to end) | peak RSS above idle | GFLOP/s | % of GEMM peak | ratio | lower bound |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
-        for tool in ("pipeline", "sklearn"):
+        for tool in ("pipeline", "pipeline-step", "sklearn"):
             if tool not in s:
                 continue
             t = s[tool]

@@ -13,6 +13,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.base import clone
 from sklearn.datasets import load_digits, load_iris, load_wine
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
@@ -346,3 +348,44 @@ def test_same_fit_on_a_real_cluster(tmp_path, dask_cluster, fixed_plan, group):
     np.testing.assert_allclose(remote.means_, local.means_, rtol=1e-12)
     np.testing.assert_allclose(remote.lower_bound_, local.lower_bound_, rtol=1e-12)
     np.testing.assert_array_equal(labels, local.predict(X))
+
+
+def test_float32_and_integer_data_are_fitted_in_float64():
+    X = load_digits().data[:400]  # integers 0..16
+    init = _start(X.astype(np.float64), 4, 0)
+    kw = dict(max_iter=5, tol=0.0, memory_budget="64MiB", **init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = pl.GaussianMixture(4, **kw).fit(X.astype(np.float64))
+        ints = pl.GaussianMixture(4, **kw).fit(X.astype(np.int16))
+        f32 = pl.GaussianMixture(4, **kw).fit(X.astype(np.float32))
+    # Blocks are converted to float64 exactly (small integers are exact in float32).
+    np.testing.assert_array_equal(ints.means_, ref.means_)
+    np.testing.assert_array_equal(f32.means_, ref.means_)
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_em_step_independent_of_chunking(data):
+    X = load_wine().data
+    init = _start(X, 3, 4)
+    P = g.precision_cholesky_from_precisions(init["precisions_init"])
+    sizes = data.draw(st.lists(st.integers(1, 60), min_size=1, max_size=12))
+    chunks, left = [], len(X)
+    for s in sizes:
+        if left == 0:
+            break
+        chunks.append(min(s, left))
+        left -= chunks[-1]
+    if left:
+        chunks.append(left)
+    Xd = da.from_array(X, chunks=(tuple(chunks), X.shape[1]))
+    split_every = data.draw(st.integers(2, 9))
+    graph = mixture._em_stats_graph(Xd, init["weights_init"], init["means_init"], P, init["means_init"],
+                                    None, split_every)
+    (stats,) = mixture._compute(graph)
+    ref = g.em_block_stats(X, np.log(init["weights_init"]), init["means_init"], P)
+    # Only the order of the sums changes: 1e-11 relative.
+    for key in ("N", "S1", "S2"):
+        np.testing.assert_allclose(stats[key], ref[key], rtol=1e-11, atol=1e-9 * np.abs(ref[key]).max())
+    np.testing.assert_allclose(stats["log_likelihood"], ref["log_likelihood"], rtol=1e-12)
