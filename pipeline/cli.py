@@ -39,6 +39,12 @@ def _common(p):
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g.add_argument("--report", metavar="FILE.html",
+                   help="write a dask performance report of the job (needs --scheduler local or an address)")
+    t = p.add_argument_group("TLS (for --scheduler tls://HOST:PORT; default: dask config distributed.comm.tls.*)")
+    t.add_argument("--tls-ca-file", metavar="CA.pem", help="certificate of the cluster's CA")
+    t.add_argument("--tls-cert", metavar="CERT.pem", help="this client's certificate")
+    t.add_argument("--tls-key", metavar="KEY.pem", help="this client's private key (if not in --tls-cert)")
 
 
 def _positive_int(text):
@@ -333,7 +339,9 @@ def main(argv=None) -> int:
 
         start, base = time.perf_counter(), _peak_rss()
         with connect(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                     memory_budget=args.memory_budget, progress=args.progress):
+                     memory_budget=args.memory_budget, progress=args.progress, report=args.report,
+                     security={"tls_ca_file": args.tls_ca_file, "tls_client_cert": args.tls_cert,
+                               "tls_client_key": args.tls_key}):
             _HANDLERS[args.command](args)
         if args.command != "demo":
             from .budget import format_bytes

@@ -130,7 +130,9 @@ def compute(*collections, label=None, **kwargs):
 
             if label:
                 print(f"{label}:", file=sys.stderr, flush=True)
-            progress(futures)
+            # distributed's text bar writes to stdout, where results go: send it to stderr.
+            with contextlib.redirect_stdout(sys.stderr):
+                progress(futures)
             print(file=sys.stderr, flush=True)
         return tuple(client.gather(futures))
     threads = dask_threads()
@@ -158,7 +160,8 @@ def _parse_scheduler(scheduler):
 
 @contextlib.contextmanager
 def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
-            memory_budget=None, progress=None, timeout=10, dashboard_address=":8787", echo=print):
+            memory_budget=None, progress=None, timeout=10, dashboard_address="127.0.0.1:8787", echo=print,
+            security=None, report=None):
     """Run the enclosed work on a scheduler.
 
     Parameters
@@ -177,6 +180,13 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
         Show progress bars; default: when stderr is a terminal.
     timeout : float
         Seconds to wait for a ``tcp://`` scheduler before giving up with an error.
+    security : distributed.Security or dict, optional
+        TLS for ``tls://`` addresses: a ``Security`` or a dict of its arguments
+        (``tls_ca_file``, ``tls_client_cert``, ``tls_client_key``).  Default: dask config
+        ``distributed.comm.tls.*``.
+    report : str or Path, optional
+        Write a dask performance report (HTML) of the enclosed work there; needs a
+        distributed scheduler (``local`` or an address).
 
     Yields
     ------
@@ -185,6 +195,9 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
     import dask.config
 
     scheduler = _parse_scheduler(scheduler)
+    if report is not None and scheduler == "threads":
+        raise InputError(f"--report {report} needs a distributed scheduler; add --scheduler local "
+                         "(or the address of a running one)")
     if progress is None:
         progress = sys.stderr.isatty()
     old = dict(_state)
@@ -213,21 +226,74 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
                                    memory_limit=limit, dashboard_address=dashboard_address)
             with cluster, Client(cluster) as client:
                 _limit_workers_blas(client)
+                # The dashboard lives as long as the cluster: until the enclosed job ends.
                 echo(f"dashboard: {client.dashboard_link}")
-                yield client
+                sys.stdout.flush()
+                with _reported(report):
+                    yield client
             return
+        sec = _security(scheduler, security)
         try:
-            client = Client(scheduler, timeout=timeout)
-        except (OSError, TimeoutError) as e:
+            client = Client(scheduler, timeout=timeout, security=sec)
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            hint = ("check --tls-ca-file/--tls-cert/--tls-key: the scheduler must accept this "
+                    "certificate" if scheduler.startswith("tls://") else
+                    "start it with `dask scheduler` or check the address")
             raise InputError(
-                f"cannot reach the scheduler at {scheduler} within {timeout:g} s ({e.__class__.__name__}); "
-                "start it with `dask scheduler` or check the address"
+                f"cannot reach the scheduler at {scheduler} within {timeout:g} s ({e.__class__.__name__}); {hint}"
             ) from None
         with client:
             _limit_workers_blas(client)
-            yield client
+            link = _dashboard_link(client)
+            if link:
+                echo(f"dashboard: {link}")
+                sys.stdout.flush()
+            with _reported(report):
+                yield client
     finally:
         _state.update(old)
+
+
+def _security(scheduler, security):
+    """A ``distributed.Security`` for ``tls://`` (from arguments or dask config), else None."""
+    from distributed import Security
+
+    if isinstance(security, Security):
+        return security
+    given = {k: v for k, v in (security or {}).items() if v}
+    if not scheduler.startswith("tls://"):
+        if given:
+            raise InputError(f"TLS options were given but --scheduler {scheduler} is not a tls:// address; "
+                             "use tls://HOST:PORT")
+        return None
+    sec = Security(require_encryption=True, **given)
+    missing = [flag for flag, attr in (("--tls-ca-file", "tls_ca_file"), ("--tls-cert", "tls_client_cert"))
+               if not getattr(sec, attr)]
+    if missing:
+        raise InputError(
+            f"--scheduler {scheduler} needs a client certificate: give {' and '.join(missing)} "
+            "(and --tls-key unless the key is in the cert file), or set dask config distributed.comm.tls.*"
+        )
+    return sec
+
+
+def _dashboard_link(client):
+    try:
+        return client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+    except Exception:  # noqa: BLE001 - a link is a courtesy
+        return None
+
+
+@contextlib.contextmanager
+def _reported(report):
+    """``distributed.performance_report`` around the enclosed work, when asked."""
+    if report is None:
+        yield
+        return
+    from distributed import performance_report
+
+    with performance_report(filename=os.fspath(report)):
+        yield
 
 
 def _worker_blas(dask_worker=None):
@@ -237,4 +303,13 @@ def _worker_blas(dask_worker=None):
 
 
 def _limit_workers_blas(client):
-    client.run(_worker_blas)
+    """Limit BLAS threads on every worker, including ones that join or restart later."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _BlasLimit(WorkerPlugin):
+        name = "pipeline-blas-limit"
+
+        def setup(self, worker):
+            _worker_blas(worker)
+
+    client.register_plugin(_BlasLimit())
