@@ -15,6 +15,7 @@ import numpy as np
 from .errors import InputError
 from .kernels import distances as _kd
 from .kernels import topk as _topk
+from .storage import read_rows as _read_rows
 
 __all__ = ["pairwise_distances", "write_distances"]
 
@@ -37,6 +38,89 @@ def _block(x, y, shift, start_x, start_y, *, metric, upcast):
                              f"row(s) {rows}{' and more' if bad.size > 10 else ''}; remove or impute those rows")
     D = _kd.sq_euclidean(xc, yc, xn, yn)
     return np.sqrt(D, out=D) if metric == "euclidean" else D
+
+
+def _block_from_store(x, shift, start_x, start_y, src, *, metric, upcast):
+    return _block(x, [_read(src, start_y)], shift, start_x, start_y, metric=metric, upcast=upcast)
+
+
+def _read(src, rows):
+    """Read rows ``rows[0] .. rows[-1]`` (a block of ``arange``) inside the task itself.
+
+    Each task owns what it reads: a training block is neither held in memory between
+    tasks nor shared by the tasks of several query blocks (a separate read task's block
+    would stay alive until its last consumer ran: for all pairs, the whole dataset).
+    """
+    return np.ascontiguousarray(src[int(rows[0]):int(rows[-1]) + 1])
+
+
+def _source_key(store, prefix):
+    """A Zarr array as one graph key (its metadata and path, never its data)."""
+    import dask
+    from dask.base import tokenize
+
+    if store is None:
+        return None
+    name = f"{prefix}-" + tokenize(str(store.store), store.path, store.shape, str(store.dtype))
+    return dask.delayed(store, pure=True, name=name)
+
+
+def _store(X):
+    """The Zarr array a set is read from, or None."""
+    import zarr
+
+    from .storage import Dataset
+
+    if isinstance(X, Dataset):
+        X = X.X_zarr
+    return X if isinstance(X, zarr.Array) else None
+
+
+def _align(rows, chunk_rows, n):
+    """Round a block down to whole stored chunks (or a divisor of one).
+
+    No stored chunk is then decoded by two tasks.
+    """
+    if not chunk_rows or rows >= n:
+        return rows
+    if rows >= chunk_rows:
+        return rows // chunk_rows * chunk_rows
+    return max(q for q in range(1, rows + 1) if chunk_rows % q == 0)
+
+
+def _shift(Yd, src, prefix):
+    """The centring vector: mean of the first training rows (finite ones), one (d,) key."""
+    import dask.array as da
+
+    rows = min(Yd.shape[0], max(Yd.chunks[0][0], 1), 4096)
+    if src is not None:
+        first = da.blockwise(_read, "if", src, None, da.arange(rows, chunks=rows), "i",
+                             new_axes={"f": Yd.shape[1]}, dtype=Yd.dtype,
+                             meta=np.empty((0, 0), Yd.dtype), token=f"{prefix}-read")
+    else:
+        first = Yd[:rows]  # inside the first chunk: one task
+    return first.map_blocks(_topk.finite_mean, chunks=((1,), first.chunks[1]), dtype=np.float64,
+                            token=f"{prefix}-shift")[0]
+
+
+def _open_source(X):
+    """A dataset URL or path opened once (a Dataset); anything else as given."""
+    from pathlib import Path
+
+    from .storage import open_dataset
+
+    return open_dataset(X) if isinstance(X, (str, Path)) else X
+
+
+def _source_rows(X):
+    """Rows per Zarr chunk when ``X`` is read from Zarr, else None."""
+    import zarr
+
+    from .storage import Dataset
+
+    if isinstance(X, Dataset):
+        X = X.X_zarr
+    return int(X.chunks[0]) if isinstance(X, zarr.Array) else None
 
 
 def _parse(metric, precision):
@@ -90,29 +174,39 @@ def pairwise_distances(X, Y, metric="euclidean", memory_budget=None, *, precisio
     import dask.array as da
 
     from .budget import plan
-    from .storage import as_array
+    from .storage import as_array, zarr_source
 
     upcast = _parse(metric, precision)
+    X, Y = _open_source(X), _open_source(Y)
     Xd, Yd = as_array(X, "X"), as_array(Y, "Y")
     if Xd.shape[1] != Yd.shape[1]:
         raise InputError(f"X has {Xd.shape[1]} features but Y has {Yd.shape[1]}; both sets need the same number of columns")
     dtype = _kd.working_dtype(np.result_type(Xd.dtype, Yd.dtype), upcast)
     if query_rows is None or train_rows is None:
+        srcx, srcy = zarr_source(X), zarr_source(Y)
         p = plan("distances", n_x=Xd.shape[0], n_y=Yd.shape[0], n_features=Xd.shape[1],
                  itemsize=max(Xd.dtype.itemsize, Yd.dtype.itemsize), out_itemsize=dtype.itemsize,
-                 upcast=upcast, memory_budget=memory_budget)
+                 upcast=upcast, memory_budget=memory_budget,
+                 x_chunk_rows=srcx.chunks[0] if srcx is not None else None,
+                 y_chunk_rows=srcy.chunks[0] if srcy is not None else None)
         query_rows = query_rows or p["query_rows"]
         train_rows = train_rows or p["train_rows"]
+    store = _store(Y)
+    if store is not None:
+        train_rows = _align(int(train_rows), store.chunks[0], Yd.shape[0])
     Xd, Yd = as_array(X, "X", rows=int(query_rows)), as_array(Y, "Y", rows=int(train_rows))
-    rows = min(Yd.shape[0], Yd.chunks[0][0], 4096)
-    first = Yd[:rows]
-    shift = first.map_blocks(_topk.finite_mean, chunks=((1,), first.chunks[1]), dtype=np.float64,
-                             token="pipeline-distances-shift")[0]
+    src = _source_key(store, "pipeline-distances-source")
+    shift = _shift(Yd, src, "pipeline-distances")
     sx = da.arange(Xd.shape[0], chunks=Xd.chunks[0], dtype=np.int64)
     sy = da.arange(Yd.shape[0], chunks=Yd.chunks[0], dtype=np.int64)
+    kw = dict(metric=metric, upcast=upcast, dtype=dtype, meta=np.empty((0, 0), dtype),
+              token="pipeline-distances-block")
+    if src is not None:
+        # Tasks read their own training rows; Yd only gives the block boundaries.
+        return da.blockwise(_block_from_store, "ij", Xd, "if", shift, "f", sx, "i", sy, "j", src, None,
+                            concatenate=False, **kw)
     return da.blockwise(_block, "ij", Xd, "if", Yd, "jf", shift, "f", sx, "i", sy, "j",
-                        metric=metric, upcast=upcast, concatenate=False, dtype=dtype,
-                        meta=np.empty((0, 0), dtype), token="pipeline-distances-block")
+                        concatenate=False, **kw)
 
 
 def write_distances(query, train, out, *, metric="euclidean", memory_budget=None, overwrite=False,

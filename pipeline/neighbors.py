@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from .distances import _align, _read, _shift, _source_key, _store
 from .errors import InputError
 from .kernels import topk as _topk
 
@@ -56,19 +57,34 @@ def _check_features(Xd, Yd, xname="X", yname="Y"):
 
 def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
     """Open both sets, validate them, plan the blocks and reopen them in those blocks."""
-    from .budget import plan
+    from .budget import parse_budget, plan
+    from .cluster import dask_threads
+    from .distances import _open_source, _source_rows
     from .storage import as_array
 
+    X, Y = _open_source(X), _open_source(Y)
     Xd = as_array(X, "X")
     Yd = as_array(Y, "Y")
     _check_features(Xd, Yd)
     k = _check_k(k, Yd.shape[0])
     itemsize = max(Xd.dtype.itemsize, Yd.dtype.itemsize)
-    p = plan("knn", n_query=Xd.shape[0], n_train=Yd.shape[0], n_features=Xd.shape[1], k=k,
-             itemsize=itemsize, memory_budget=memory_budget)
+    budget, threads = parse_budget(memory_budget), dask_threads()
+    shape = dict(n_query=Xd.shape[0], n_train=Yd.shape[0], n_features=Xd.shape[1], k=k, itemsize=itemsize)
+    p = plan("knn", memory_budget=budget, threads=threads, **shape)
+    cq, ct = _source_rows(X), _source_rows(Y)
+    if train_rows is None and ct and p["train_rows"] < min(ct, Yd.shape[0]):
+        # Reading any rows decodes whole Zarr chunks: with blocks smaller than a
+        # chunk every task transiently holds one, so plan with those set aside.
+        held = threads * ct * Yd.shape[1] * Yd.dtype.itemsize
+        if cq and p["query_rows"] < min(cq, Xd.shape[0]):
+            held += cq * Xd.shape[1] * Xd.dtype.itemsize
+        p = plan("knn", memory_budget=max(1, budget - held), threads=threads, **shape)
+    bt = int(train_rows or p["train_rows"])
+    if train_rows is None and ct:
+        bt = _align(bt, ct, Yd.shape[0])  # whole Zarr chunks per block: each decoded once
     Xd = as_array(X, "X", rows=int(query_rows or p["query_rows"]))
-    Yd = as_array(Y, "Y", rows=int(train_rows or p["train_rows"]))
-    return Xd, Yd, k, p
+    Yd = as_array(Y, "Y", rows=bt)
+    return Xd, Yd, k, p, _store(Y)
 
 
 # ----------------------------------------------------------------------------- graph
@@ -113,6 +129,14 @@ def _exact_part(queries, train, start, *, k):
     return _topk.exact_topk_block(queries[0], train[0], k, int(start[0]))
 
 
+def _part_from_store(queries, rows, shift, src, *, k, margin):
+    return _part(queries, [_read(src, rows)], rows, shift, k=k, margin=margin)
+
+
+def _exact_part_from_store(queries, rows, src, *, k):
+    return _exact_part(queries, [_read(src, rows)], rows, k=k)
+
+
 def _identity(x, axis=None, keepdims=None):
     return x
 
@@ -145,38 +169,42 @@ def _flatten(parts):
     return out
 
 
-def _shift(Yd):
-    """The centring vector: mean of the first training rows, one (d,) key."""
-    rows = min(Yd.shape[0], max(Yd.chunks[0][0], 1), _SHIFT_ROWS)
-    first = Yd[:rows]  # inside the first chunk: one task
-    return first.map_blocks(_topk.finite_mean, chunks=((1,), first.chunks[1]), dtype=np.float64,
-                            token="pipeline-knn-shift")[0]
+def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False, store=None):
+    """Lazy (n_query,) record array of (dist, idx, ok) from the block tasks and the tree.
 
-
-def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False):
-    """Lazy (n_query,) record array of (dist, idx, ok) from the block tasks and the tree."""
+    ``store``: the Zarr array behind ``Yd``, if any; tasks then read their training
+    rows themselves (``Yd`` only gives the block boundaries).
+    """
     import warnings
+    from functools import partial
 
     import dask.array as da
     from dask.array.core import PerformanceWarning
 
     warnings.filterwarnings("ignore", category=PerformanceWarning, module=__name__)
+    src = _source_key(store, "pipeline-knn-source")
     starts = da.arange(Yd.shape[0], chunks=Yd.chunks[0], dtype=np.int64)
     obj = np.empty((0, 0), dtype=object)
+    common = dict(concatenate=False, dtype=object, meta=obj)
     if exact:
-        parts = da.blockwise(_exact_part, "ij", Xd, "if", Yd, "jf", starts, "j", k=k,
-                             concatenate=False, dtype=object, meta=obj, token="pipeline-knn-exact")
+        if src is not None:
+            parts = da.blockwise(_exact_part_from_store, "ij", Xd, "if", starts, "j", src, None, k=k,
+                                 token="pipeline-knn-exact", **common)
+        else:
+            parts = da.blockwise(_exact_part, "ij", Xd, "if", Yd, "jf", starts, "j", k=k,
+                                 token="pipeline-knn-exact", **common)
     else:
-        shift = _shift(Yd)
+        shift = _shift(Yd, src, "pipeline-knn")
         qstarts = da.arange(Xd.shape[0], chunks=Xd.chunks[0], dtype=np.int64)
         queries = da.blockwise(_prepare, "if", Xd, "if", shift, "f", qstarts, "i",
                                dtype=object, meta=obj, token="pipeline-knn-query")
-        parts = da.blockwise(_part, "ij", queries, "if", Yd, "jf", starts, "j", shift, "f",
-                             k=k, margin=margin, concatenate=False, dtype=object,
-                             meta=obj, token="pipeline-knn-topk")
+        if src is not None:
+            parts = da.blockwise(_part_from_store, "ij", queries, "if", starts, "j", shift, "f", src, None,
+                                 k=k, margin=margin, token="pipeline-knn-topk", **common)
+        else:
+            parts = da.blockwise(_part, "ij", queries, "if", Yd, "jf", starts, "j", shift, "f",
+                                 k=k, margin=margin, token="pipeline-knn-topk", **common)
     dtype = _topk.record_dtype(k)
-    from functools import partial
-
     return da.reduction(parts, _identity, partial(_aggregate, k=k), combine=partial(_combine, k=k),
                         axis=1, concatenate=False, dtype=dtype, split_every=split_every,
                         name="pipeline-knn-merge", meta=np.empty((0,), dtype=dtype))
@@ -240,10 +268,10 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     """
     from .cluster import compute
 
-    Xd, Yd, k, _plan = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
+    Xd, Yd, k, _plan, store = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = split_every or _SPLIT_EVERY
-    (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every),
+    (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store),
                      label="k-NN")
     dist, ind = rec["dist"], rec["idx"]
     bad = np.flatnonzero(~rec["ok"])
@@ -252,7 +280,8 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
         from .storage import as_array
 
         Xbad = as_array(Xd[bad] if not isinstance(X, np.ndarray) else np.asarray(X)[bad], "X")
-        (fix,) = compute(_records_graph(Xbad, Yd, k, margin=0, split_every=split_every, exact=True),
+        (fix,) = compute(_records_graph(Xbad, Yd, k, margin=0, split_every=split_every, exact=True,
+                                        store=store),
                          label="k-NN (exact pass)")
         dist[bad], ind[bad] = fix["dist"], fix["idx"]
     dist = np.sqrt(dist)

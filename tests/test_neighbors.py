@@ -104,7 +104,7 @@ def test_float32_far_from_origin_exact():
     _check(X, Y, 5, train_rows=50)
 
 
-@pytest.mark.parametrize("budget", ["48MiB", "64MiB", "1GiB"])
+@pytest.mark.parametrize("budget", ["56MiB", "96MiB", "1GiB"])
 def test_budgets_and_dask_and_zarr_inputs(tmp_path, digits, budget):
     X = digits[0].astype(np.float32)
     ds = pl.write_dataset(tmp_path / "d.zarr", X, chunk_rows=300)
@@ -119,8 +119,8 @@ def test_graph_keys_and_no_data_embedded(tmp_path):
     rng = np.random.default_rng(3)
     pl.write_dataset(tmp_path / "t.zarr", rng.standard_normal((3000, 16)), chunk_rows=500)
     pl.write_dataset(tmp_path / "q.zarr", rng.standard_normal((100, 16)), chunk_rows=100)
-    Xd, Yd, k, _ = _arrays(str(tmp_path / "q.zarr"), str(tmp_path / "t.zarr"), "64MiB", 5, None, 500)
-    g = _records_graph(Xd, Yd, k, margin=3, split_every=4)
+    Xd, Yd, k, _, store = _arrays(str(tmp_path / "q.zarr"), str(tmp_path / "t.zarr"), "64MiB", 5, None, 500)
+    g = _records_graph(Xd, Yd, k, margin=3, split_every=4, store=store)
     names = {key[0] if isinstance(key, tuple) else key for key in g.__dask_graph__()}
     assert any(n.startswith("pipeline-knn-topk-") for n in names)
     assert any(n.startswith("pipeline-knn-merge") for n in names)

@@ -21,8 +21,8 @@ def working_dtype(dtype, upcast=False):
     """The float dtype a block of ``dtype`` is computed in.
 
     float64 stays float64; float32, float16 and every integer dtype compute in
-    float32 (uint8 images need no more: their products are exact up to 2**24);
-    ``upcast=True`` always gives float64.
+    float32 (uint8 pixels are exact in float32, and the GEMM's rounding is what
+    float32 data get too); ``upcast=True`` always gives float64.
 
     Examples
     --------

@@ -57,9 +57,9 @@ def _check_finite(norms, offset):
     if not np.isfinite(norms).all():
         raise NonFiniteRows(np.flatnonzero(~np.isfinite(norms)) + int(offset))
 
-# Query rows re-ranked at once: the gathered candidate rows (rows x candidates x
-# features, float64) stay a few MiB, inside the CPU caches.
-_RERANK_ROWS = 8
+# Bytes of gathered candidate rows (rows x candidates x features, float64) re-ranked
+# at once: a few MiB, inside the CPU caches.
+_RERANK_BYTES = 2 * 2**20
 # Query rows selected at once by argpartition (its index array is rows x block width).
 _SELECT_ROWS = 64
 
@@ -171,8 +171,11 @@ def exact_sq_distances(X, Y, cand):
     n, c = cand.shape
     out = np.empty((n, c), dtype=np.float64)
     X64 = X if X.dtype == np.float64 else None
-    for s in range(0, n, _RERANK_ROWS):
-        e = min(s + _RERANK_ROWS, n)
+    # Rows per step: the gathered float64 candidates stay about _RERANK_BYTES (cache
+    # sized), and narrow data take more rows per step (fewer Python iterations).
+    step = max(8, _RERANK_BYTES // max(1, c * X.shape[1] * 8))
+    for s in range(0, n, step):
+        e = min(s + step, n)
         xs = X64[s:e] if X64 is not None else X[s:e].astype(np.float64)
         G = Y[cand[s:e]].astype(np.float64)  # (rows, c, features), a few MiB
         G -= xs[:, None, :]

@@ -1,0 +1,84 @@
+"""The memory budget is a promise: measured on a real process, not read off the plan.
+
+A training set of ~390 MiB lives on disk as Zarr; k-NN runs in a fresh process with a
+budget four times smaller, and the peak resident set above an idle process (same
+imports, nothing run) must stay inside the budget.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pipeline as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_measured(code, imports="import pipeline, numpy, dask.array, zarr"):
+    """Run ``code`` in a fresh Python; return (peak RSS above idle in bytes, stdout).
+
+    The peak is the child's own ``VmHWM`` (/proc/self/status), which starts afresh at
+    exec.  ``ru_maxrss`` does not: Linux carries the forking parent's high-water mark
+    across exec, so a child of a large pytest process reports the parent's size.  The
+    idle reference runs the same imports and a tiny GEMM (BLAS loaded), nothing else.
+    """
+    prelude = f"{imports}\nimport numpy as _np\n_np.ones((64, 64)) @ _np.ones((64, 64))\n"
+    probe = textwrap.dedent("""
+        for _line in open("/proc/self/status"):
+            if _line.startswith("VmHWM:"):
+                print("PEAK", int(_line.split()[1]) * 1024)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    peaks, out = [], ""
+    for body in ("", textwrap.dedent(code)):
+        r = subprocess.run([sys.executable, "-c", prelude + body + "\n" + probe],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        peaks.append(int([ln for ln in r.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1]))
+        out = r.stdout
+    return peaks[1] - peaks[0], out
+
+BUDGET = 96 * 2**20
+
+
+@pytest.fixture(scope="module")
+def train_on_disk(tmp_path_factory):
+    d = tmp_path_factory.mktemp("knn-mem")
+    train = pl.make_blobs(str(d / "train.zarr"), 100_000, 1024, centers=10, dtype="float32",
+                          random_state=0, chunk_rows=1024)
+    test = pl.make_blobs(str(d / "test.zarr"), 200, 1024, centers=10, dtype="float32",
+                         random_state=1, chunk_rows=200)
+    assert train.X.nbytes >= 4 * BUDGET
+    return str(d / "test.zarr"), str(d / "train.zarr")
+
+
+def test_knn_peak_rss_inside_budget(train_on_disk):
+    test, train = train_on_disk
+    p = pl.plan("knn", n_query=200, n_train=100_000, n_features=1024, k=5, itemsize=4,
+                memory_budget=BUDGET, threads=2)
+    assert p.peak <= BUDGET
+    grew, out = run_measured(f"""
+        import pipeline as pl
+        dist, ind = pl.kneighbors({test!r}, {train!r}, 5, memory_budget={BUDGET})
+        print("SHAPE", ind.shape, int(ind.max()))
+    """)
+    assert "SHAPE (200, 5)" in out
+    print(f"peak above idle {grew / 2**20:.1f} MiB, budget {BUDGET / 2**20:.0f} MiB, "
+          f"predicted {p.peak / 2**20:.1f} MiB")
+    assert grew <= BUDGET, (grew, p.explain())
+
+
+def test_distances_to_zarr_peak_rss_inside_budget(train_on_disk, tmp_path):
+    test, train = train_on_disk
+    out_url = str(tmp_path / "D.zarr")
+    # D is 200 x 100000 float32 = 76 MiB, written block by block.
+    grew, _ = run_measured(f"""
+        from pipeline.distances import write_distances
+        write_distances({test!r}, {train!r}, {out_url!r}, memory_budget={BUDGET})
+    """)
+    print(f"distances: peak above idle {grew / 2**20:.1f} MiB, budget {BUDGET / 2**20:.0f} MiB")
+    assert grew <= BUDGET
