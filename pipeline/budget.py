@@ -240,9 +240,12 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     # Mirrors pipeline.kernels.gaussian.em_block_stats and pipeline.mixture's graph.
     d, K = n_features, n_components
     grouped = group < K
-    # One fused pass works on slices of `inner` rows inside each block; a component
-    # group's pass (grouped plans) works on whole blocks.
-    inner = rows if grouped else min(rows, 2048)  # kernels.gaussian.INNER_ROWS
+    # The kernels work on slices of `inner` rows (kernels.gaussian.inner_rows) and
+    # batch `gemm` components per E-step GEMM (kernels.gaussian.gemm_group), so the
+    # GEMM output stays near 32 MiB; a group's pass (grouped plans) keeps its
+    # responsibilities for the whole block.
+    inner = min(rows, max(64, min(2048, 2**25 // (8 * d))))
+    gemm = max(1, min(group, 2**25 // (max(64, min(2048, 2**25 // (8 * d))) * d * 8)))
     full, grp = K * d * d * 8, group * d * d * 8
     # The driver holds theta_t's factors and covariances plus the concatenated factors
     # shared with the tasks (one key); at the M-step, the summed scatter and
@@ -255,9 +258,12 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     if itemsize != 8:
         items.append(CostItem("X as float64", inner * d * 8, threads, "converted per slice"))
     items += [
-        CostItem("X @ [P_1..P_g] slice", inner * group * d * 8, threads, f"{inner} rows at a time, one GEMM"),
-        CostItem("log-probabilities, responsibilities", 3 * inner * K * 8, threads, "(rows, K) float64"),
-        CostItem("weighted rows", 2 * inner * d * 8, threads, "r-selected x - shift, for the scatter syrk"),
+        CostItem("X @ [P_1..P_g] slice", inner * gemm * d * 8, threads,
+                 f"{inner} rows x {gemm} components per GEMM"),
+        CostItem("log-probabilities, responsibilities", 3 * (rows * group if grouped else inner * K) * 8,
+                 threads, "float64"),
+        CostItem("weighted rows", 2 * (rows if grouped else inner) * d * 8, threads,
+                 "r-selected x - shift, for the scatter syrk"),
         CostItem("sufficient statistics", group * (d * d + d + 1) * 8, threads + split_every + 1,
                  "N, S1, S2: a task's accumulator, and in the tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),

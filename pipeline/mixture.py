@@ -677,8 +677,7 @@ class GaussianMixture:
                              f"{self.means_.shape[1]}")
         plan = _plan(Xd, self.n_components, self.memory_budget)
         Xd = _as_dask(X, rows=plan["rows"])
-        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_,
-                                         component_group=plan["component_group"])
+        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_)
         shared = dask.delayed(prepared, traverse=False)
         K = self.n_components
         return Xd.map_blocks(_wlp_block, shared, dtype=np.float64, chunks=(Xd.chunks[0], (K,)),

@@ -60,6 +60,32 @@ _LOG_2PI = math.log(2 * math.pi)
 #: the scatter buffer in cache-sized pieces (measured: 2048 rows is ~3x faster than
 #: one 25000-row slab at d=64, K=16, whose temporaries are page-faulted every call).
 INNER_ROWS = 2048
+#: Bytes of one slice's E-step GEMM output (slice rows x group * d) the kernels aim
+#: for; wide data get fewer rows per slice and fewer components per GEMM.
+#: pipeline.budget._cost_gmm mirrors :func:`inner_rows` and :func:`gemm_group`.
+SLICE_BYTES = 2**25
+
+
+def inner_rows(n_features):
+    """Rows per slice for ``n_features`` columns: 2048, fewer for very wide data.
+
+    Examples
+    --------
+    >>> inner_rows(64), inner_rows(10_000)
+    (2048, 419)
+    """
+    return max(64, min(INNER_ROWS, SLICE_BYTES // (8 * n_features)))
+
+
+def gemm_group(n_components, n_features):
+    """Components per E-step GEMM so one slice's output stays near SLICE_BYTES.
+
+    Examples
+    --------
+    >>> gemm_group(16, 64), gemm_group(200, 900)
+    (16, 2)
+    """
+    return max(1, min(n_components, SLICE_BYTES // (inner_rows(n_features) * n_features * 8)))
 
 
 def _as_float64(X):
@@ -169,8 +195,8 @@ def log_det_cholesky(precisions_cholesky):
     return np.log(np.diagonal(P, axis1=1, axis2=2)).sum(axis=1)
 
 
-def _group_bounds(n_components, component_group):
-    g = n_components if not component_group else max(1, min(int(component_group), n_components))
+def _group_bounds(n_components, component_group, n_features):
+    g = gemm_group(n_components, n_features) if not component_group else max(1, min(int(component_group), n_components))
     return [(a, min(a + g, n_components)) for a in range(0, n_components, g)]
 
 
@@ -191,6 +217,7 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
         Where the scatter statistics are accumulated around; default ``means``.
     component_group : int, optional
         Components per GEMM; bounds the (rows, group * n_features) temporary.
+        Default :func:`gemm_group`.
 
     Returns
     -------
@@ -208,7 +235,7 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
     P = np.asarray(precisions_cholesky, dtype=np.float64)
     K, d = means.shape
     groups = []
-    for a, b in _group_bounds(K, component_group):
+    for a, b in _group_bounds(K, component_group, d):
         # pcat[:, j*d:(j+1)*d] = P_{a+j}: X @ pcat computes every X @ P_k of the group.
         pcat = np.ascontiguousarray(P[a:b].transpose(1, 0, 2).reshape(d, (b - a) * d))
         mup = np.einsum("kd,kde->ke", means[a:b], P[a:b]).reshape(-1)
@@ -236,7 +263,7 @@ def _log_gaussian_prob_prepared(X, prepared, out=None):
     if out is None:
         out = np.empty((n, K))
     width = max(g["pcat"].shape[1] for g in prepared["groups"])
-    step = min(n, INNER_ROWS)
+    step = min(n, inner_rows(d))
     buf = np.empty((step, width))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -398,7 +425,7 @@ def resp_block_stats(X, resp, shift, out=None):
 
 
 def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, shift=None,
-                   *, prepared=None, component_group=None, inner_rows=INNER_ROWS):
+                   *, prepared=None, component_group=None, slice_rows=None):
     """One row block's share of an EM iteration: E-step, then M-step statistics.
 
     Parameters
@@ -415,8 +442,8 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
         graph passes this, computed once per iteration).
     component_group : int, optional
         Components per E-step GEMM.
-    inner_rows : int
-        Rows per slice inside the block; temporaries are (inner_rows, group * d).
+    slice_rows : int, optional
+        Rows per slice inside the block (default :func:`inner_rows`).
 
     Returns
     -------
@@ -437,7 +464,7 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
         prepared = prepare_parameters(np.exp(log_weights), means, precisions_cholesky,
                                       shift=shift, component_group=component_group)
     n = np.shape(X)[0]
-    step = max(1, int(inner_rows))
+    step = max(1, int(slice_rows or inner_rows(prepared["n_features"])))
     stats = None
     # Slices of `step` rows keep every temporary (step, .) while one accumulator
     # collects the block's statistics in place.
