@@ -810,6 +810,13 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     job = job_fingerprint(data=_source_name(data), n_components=n_components, max_iter=max_iter,
                           tol=tol, reg_covar=reg_covar, init_params=init_params,
                           random_state=random_state)
+    gm = GaussianMixture(n_components=n_components, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
+                         init_params=init_params, random_state=random_state,
+                         memory_budget=memory_budget, verbose=verbose)
+    # Bad input and impossible budgets fail before anything is written at model_url.
+    X0 = _as_dask(data)
+    gm._validate(X0)
+    _plan(X0, n_components, memory_budget)
     state = None
     group = None
     if _exists(model_url) and not overwrite:
@@ -841,9 +848,6 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     def save(params, n_iter, lower_bound, history, converged):
         _save_model(group, params, n_iter, lower_bound, history, converged, job)
 
-    gm = GaussianMixture(n_components=n_components, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
-                         init_params=init_params, random_state=random_state,
-                         memory_budget=memory_budget, verbose=verbose)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the summary instead
         gm._fit(data, callback=save, state=state)

@@ -307,6 +307,9 @@ def test_cli_fit_and_predict(tmp_path, capsys):
     assert zarr.open_group(pred, mode="r")["labels"].shape == (1600,)
     assert main(["gmm", "fit", data, str(tmp_path / "m2.zarr"), "--n-components", "0", "--no-progress"]) == 2
     assert "n_components" in capsys.readouterr().err
+    # Nothing was written for the refused job, so the corrected command just runs.
+    assert main(["gmm", "fit", data, str(tmp_path / "m2.zarr"), "--n-components", "2", "--max-iter", "3",
+                 "--no-progress"]) == 0
 
 
 def test_graph_pickle_does_not_grow_with_X(tmp_path):
