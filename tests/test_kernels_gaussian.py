@@ -196,3 +196,32 @@ def test_kpp_potentials_and_locate(problem):
     t = np.array([0.0, dmin.sum() / 2, dmin.sum() * 2])
     np.testing.assert_array_equal(km.kpp_locate(X, means[:2], t),
                                   np.minimum(np.searchsorted(np.cumsum(dmin), t), len(X) - 1))
+
+
+def test_zero_responsibilities_skipped_exactly():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((500, 7))
+    resp = rng.uniform(size=(500, 3))
+    resp[rng.uniform(size=resp.shape) < 0.8] = 0.0  # most rows of each column exactly 0
+    resp[:, 2] = 0.0  # and one component with nothing at all
+    shift = rng.standard_normal((3, 7))
+    s = g.resp_block_stats(X, resp, shift)
+    for k in range(3):
+        D = X - shift[k]
+        # The compacted GEMM sums the same non-zero terms: 1e-12 relative.
+        np.testing.assert_allclose(s["S2"][k], (resp[:, k, None] * D).T @ D, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(s["S1"][k], resp[:, k] @ D, rtol=1e-12, atol=1e-12)
+    assert not s["S2"][2].any() and s["N"][2] == 0.0
+
+
+def test_budget_model_mirrors_kernel_slices():
+    # pipeline.budget._cost_gmm repeats the kernels' slice rules (budget may not import
+    # kernels); keep the two in step.
+    from pipeline.budget import plan
+
+    for d, K in ((64, 16), (900, 2), (900, 200), (10_000, 200)):
+        p = plan("gmm", n_samples=1_000_000, n_features=d, n_components=K, itemsize=8,
+                 memory_budget="4TiB", threads=2)
+        item = next(i for i in p.items if i.name.startswith("X @"))
+        rows = min(p["rows"], g.inner_rows(d))
+        assert item.nbytes == rows * min(g.gemm_group(K, d), p["component_group"]) * d * 8
