@@ -24,7 +24,6 @@ per-row log-sum-exp over all groups, then each group's statistics.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 import warnings
 from pathlib import Path
