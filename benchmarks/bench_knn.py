@@ -98,18 +98,27 @@ def _code(tool, paths, case, budget, threads):
     raise KeyError(tool)
 
 
-def _run(code, env=None):
-    """Run code in a fresh Python; return (wall seconds, peak RSS bytes)."""
-    src = textwrap.dedent(code)
+_PROBE = """
+for _line in open("/proc/self/status"):
+    if _line.startswith("VmHWM:"):
+        print("PEAK", int(_line.split()[1]) * 1024)
+"""
+
+
+def _run(code, env=None, imports=""):
+    """Run code in a fresh Python; return (wall seconds, peak RSS bytes, stdout).
+
+    The peak is the child's VmHWM, which starts afresh at exec (``ru_maxrss`` would
+    carry over this parent's high-water mark).
+    """
+    src = imports + "\n" + textwrap.dedent(code) + "\n" + _PROBE
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", src], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([sys.executable, "-c", src], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    out, err = p.stdout.read(), p.stderr.read()
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise RuntimeError(f"benchmark child failed ({p.returncode}):\n{err.decode()[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, out.decode()
+        raise RuntimeError(f"benchmark child failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    peak = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1])
+    return wall, peak, p.stdout
 
 
 def _gemm_peak(dtype, env):
@@ -122,7 +131,7 @@ def _gemm_peak(dtype, env):
             t = time.perf_counter(); a @ a; ts.append(time.perf_counter() - t)
         print(2 * 4096**3 / sorted(ts)[1] / 1e9)
     """
-    return float(_run(code, env)[2].strip().splitlines()[-1])
+    return float([ln for ln in _run(code, env)[2].splitlines() if not ln.startswith("PEAK")][-1])
 
 
 def _make_data(case, directory):
@@ -176,7 +185,7 @@ def main(argv=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     paths = _make_data(case, Path(a.data_dir))
 
-    idle = {t: _run(IMPORTS[t] + "\nimport numpy as _n; _n.ones((64, 64)) @ _n.ones((64, 64))", env)[1] for t in tools}
+    idle = {t: _run("import numpy as _n\n_n.ones((64, 64)) @ _n.ones((64, 64))", env, IMPORTS[t])[1] for t in tools}
     peak_dtype = "float64" if case["dtype"] == "float64" else "float32"
     gemm = []
     times = {t: [] for t in tools}
@@ -184,7 +193,7 @@ def main(argv=None):
     for r in range(a.runs + 1):  # round 0 is the warm-up
         gemm.append(_gemm_peak(peak_dtype, env))
         for t in tools:
-            wall, peak, _ = _run(IMPORTS[t] + _code(t, paths, case, a.budget, a.threads), env)
+            wall, peak, _ = _run(_code(t, paths, case, a.budget, a.threads), env, IMPORTS[t])
             if r:
                 times[t].append(wall)
                 rss[t].append(peak - idle[t])

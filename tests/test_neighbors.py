@@ -269,3 +269,22 @@ def test_kneighbors_on_real_cluster(tmp_path, dask_cluster):
             pl.kneighbors(X, str(tmp_path / "bad.zarr"), 4)
     rd, ri = _ref(X, Y, 4)
     np.testing.assert_array_equal(ind, ri)
+
+
+def test_uncertified_rows_go_through_wide_then_exact_pass(monkeypatch):
+    import pipeline.neighbors as nb
+
+    calls = []
+    real = nb._records_graph
+
+    def spy(Xd, Yd, k, **kw):
+        calls.append((Xd.shape[0], kw["margin"], kw.get("exact", False)))
+        return real(Xd, Yd, k, **kw)
+
+    monkeypatch.setattr(nb, "_records_graph", spy)
+    rng = np.random.default_rng(7)
+    Y = rng.integers(0, 2, (300, 3)).astype(np.float32)  # 8 distinct rows: ties everywhere
+    X = rng.integers(0, 2, (20, 3)).astype(np.float32)
+    _check(X, Y, 4, train_rows=50, margin=0)
+    assert calls[0] == (20, 0, False)
+    assert len(calls) == 3 and calls[1][1] >= 32 and calls[2][2]  # wide margin, then exact
