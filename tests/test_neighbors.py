@@ -283,8 +283,9 @@ def test_uncertified_rows_go_through_wide_then_exact_pass(monkeypatch):
 
     monkeypatch.setattr(nb, "_records_graph", spy)
     rng = np.random.default_rng(7)
-    Y = rng.integers(0, 2, (300, 1)).astype(np.float32)  # two distinct rows: ties beyond any margin
-    X = rng.integers(0, 2, (20, 1)).astype(np.float32)
+    # Two distinct rows, 90% zeros: every block holds more tied rows than any margin.
+    Y = (rng.random((300, 1)) < 0.1).astype(np.float32)
+    X = (rng.random((20, 1)) < 0.5).astype(np.float32)
     _check(X, Y, 4, train_rows=50, margin=0)
     assert calls[0] == (20, 0, False)
     assert len(calls) == 3 and calls[1][1] >= 32 and calls[2][2]  # wide margin, then exact
