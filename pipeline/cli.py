@@ -369,6 +369,8 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's promise is one line, no traceback
         if debug:
             raise
-        print(f"pipeline: failed: {type(e).__name__}: {e} (rerun with PIPELINE_DEBUG=1 for a traceback)",
+        hint = ("; workers die like this when a task needs more memory than their --memory-limit: "
+                "give a smaller --memory-budget" if type(e).__name__ == "KilledWorker" else "")
+        print(f"pipeline: failed: {type(e).__name__}: {e}{hint} (rerun with PIPELINE_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
