@@ -111,13 +111,18 @@ def _run(code, env=None, imports=""):
     The peak is the child's VmHWM, which starts afresh at exec (``ru_maxrss`` would
     carry over this parent's high-water mark).
     """
+    import resource
+
     src = imports + "\n" + textwrap.dedent(code) + "\n" + _PROBE
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", src], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({p.returncode}):\n{p.stderr[-3000:]}")
     peak = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1])
+    _run.cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return wall, peak, p.stdout
 
 
@@ -189,6 +194,7 @@ def main(argv=None):
     peak_dtype = "float64" if case["dtype"] == "float64" else "float32"
     gemm = []
     times = {t: [] for t in tools}
+    cpus = {t: [] for t in tools}
     rss = {t: [] for t in tools}
     for r in range(a.runs + 1):  # round 0 is the warm-up
         gemm.append(_gemm_peak(peak_dtype, env))
@@ -196,9 +202,10 @@ def main(argv=None):
             wall, peak, _ = _run(_code(t, paths, case, a.budget, a.threads), env, IMPORTS[t])
             if r:
                 times[t].append(wall)
+                cpus[t].append(_run.cpu)
                 rss[t].append(peak - idle[t])
-            print(f"  round {r}{' (warm-up)' if not r else ''}: {t:<20} {wall:7.2f} s  +{(peak - idle[t]) / 2**20:7.0f} MiB",
-                  flush=True)
+            print(f"  round {r}{' (warm-up)' if not r else ''}: {t:<20} {wall:7.2f} s  cpu {_run.cpu:7.2f} s"
+                  f"  +{(peak - idle[t]) / 2**20:7.0f} MiB", flush=True)
             if case["k"] and t != "pipeline-distances":
                 ind = np.load(paths["out"])
                 if t == tools[0]:
@@ -214,10 +221,11 @@ def main(argv=None):
     print(f"\ncase {a.case}: {case['n_query']} queries x {case['n_train']} train x {case['d']} {case['dtype']}"
           f"{', k=' + str(case['k']) if case['k'] else ''}; budget {a.budget}; {a.runs} runs after a warm-up;"
           f" {peak_dtype} GEMM peak {peak:.0f} GFLOP/s (4096^3, same run)")
-    print(f"{'tool':<20}{'median s':>10}{'runs':>22}{'vs faiss':>10}{'vs sklearn':>12}{'peak RSS':>12}{'GFLOP/s':>10}{'% peak':>8}")
+    print(f"{'tool':<20}{'median s':>10}{'runs':>22}{'vs faiss':>10}{'vs sklearn':>12}{'cpu s':>8}{'peak RSS':>12}{'GFLOP/s':>10}{'% peak':>8}")
     for t in tools:
         gf = _flops(case) / med[t] / 1e9
-        row = {"tool": t, "median_s": med[t], "runs_s": times[t], "peak_rss_above_idle_bytes": max(rss[t]),
+        row = {"tool": t, "median_s": med[t], "runs_s": times[t], "cpu_s_median": statistics.median(cpus[t]),
+               "cpu_s_runs": cpus[t], "peak_rss_above_idle_bytes": max(rss[t]),
                "gflops_end_to_end": gf, "fraction_of_gemm_peak": gf / peak,
                "vs_faiss": med[t] / ref if ref else None,
                "vs_sklearn": med[t] / med["sklearn"] if "sklearn" in med else None}
@@ -225,9 +233,14 @@ def main(argv=None):
         runs = " ".join(f"{x:.2f}" for x in times[t])
         vf = f"{row['vs_faiss']:.2f}x" if row["vs_faiss"] else "-"
         vs = f"{row['vs_sklearn']:.2f}x" if row["vs_sklearn"] else "-"
-        print(f"{t:<20}{med[t]:>10.2f}{runs:>22}{vf:>10}{vs:>12}{max(rss[t]) / 2**20:>9.0f} MiB{gf:>10.0f}{100 * gf / peak:>7.0f}%")
+        print(f"{t:<20}{med[t]:>10.2f}{runs:>22}{vf:>10}{vs:>12}{row['cpu_s_median']:>8.2f}"
+              f"{max(rss[t]) / 2**20:>9.0f} MiB{gf:>10.0f}{100 * gf / peak:>7.0f}%")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"load average at the end: {' '.join(load)} (other processes on these {os.cpu_count()} cores)")
     out = {"case": a.case, "shape": case, "budget": a.budget, "threads": a.threads, "runs": a.runs,
+           "loadavg_end": load,
            "gemm_peak_gflops": peak, "gemm_peak_runs": gemm, "results": rows,
            "machine": {"cores": os.cpu_count()}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (RESULTS / f"knn-{a.case}.json").write_text(json.dumps(out, indent=2))

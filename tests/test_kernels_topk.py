@@ -15,6 +15,7 @@ from pipeline.kernels.topk import (
     merge_topk,
     prepare_queries,
     rerank_exact,
+    select_smallest,
     topk_block,
     uncertified,
     vote,
@@ -153,3 +154,20 @@ def test_vote_ties_go_to_lowest_class_and_zero_distance_rule():
     np.testing.assert_allclose(proba[1], [1 / 3, 0, 2 / 3])
     with pytest.raises(ValueError):
         vote(labels, dist, np.array([5, 6, 7]), "bogus")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), m=st.integers(1, 700), n=st.integers(1, 12),
+       levels=st.sampled_from([2, 30, None]), seed=st.integers(0, 2**16))
+def test_select_smallest_is_a_valid_selection(rows, m, n, levels, seed):
+    rng = np.random.default_rng(seed)
+    S = rng.random((rows, m), dtype=np.float32)
+    if levels:
+        S = np.floor(S * levels)  # ties at the cut
+    cand, cut = select_smallest(S, n)
+    n = min(n, m)
+    ref = np.sort(S, axis=1)[:, :n]
+    assert cand.shape == (rows, n)
+    assert all(len(set(r)) == n for r in cand.tolist())  # distinct columns
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(S, cand, 1), axis=1), ref)
+    np.testing.assert_array_equal(cut, ref[:, -1])
