@@ -115,10 +115,20 @@ class _named:
         return False
 
 
+_WORK = {}  # thread id -> scratch buffers of knn_block, reused from block to block
+
+
+def _work():
+    import threading
+
+    return _WORK.setdefault(threading.get_ident(), {})
+
+
 def _part(queries, train, start, shift, *, k, margin):
     """Task: the exact k nearest rows of one training block for one query block."""
     try:
-        return _topk.knn_block(queries[0], train[0], k, int(start[0]), margin=margin, shift=shift[0])
+        return _topk.knn_block(queries[0], train[0], k, int(start[0]), margin=margin, shift=shift[0],
+                               work=_work())
     except _topk.NonFiniteRows as e:
         # Carried up the tree, so the error names the bad rows of every block.
         return {"bad": e.rows}
@@ -267,11 +277,21 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     >>> ind.tolist(), np.round(dist, 3).tolist()
     ([[1, 0]], [[0.1, 0.9]])
     """
-    from .cluster import compute
-
     Xd, Yd, k, _plan, store = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = split_every or _SPLIT_EVERY
+    try:
+        dist, ind = _kneighbors(Xd, Yd, k, margin, split_every, store)
+    finally:
+        _WORK.clear()  # the threads' scratch buffers (a cluster's workers keep theirs)
+    dist = np.sqrt(dist)
+    return (dist, ind) if return_distance else ind
+
+
+def _kneighbors(Xd, Yd, k, margin, split_every, store):
+    """Squared exact distances and indices: the main pass, then the fallbacks."""
+    from .cluster import compute
+
     (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store),
                      label="k-NN")
     dist, ind = rec["dist"], rec["idx"]
@@ -293,8 +313,7 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
                                             split_every=split_every, exact=True, store=store),
                              label="k-NN (exact pass)")
             dist[bad[still]], ind[bad[still]] = fix["dist"], fix["idx"]
-    dist = np.sqrt(dist)
-    return (dist, ind) if return_distance else ind
+    return dist, ind
 
 
 # ------------------------------------------------------------------------ classifier

@@ -229,17 +229,27 @@ def exact_sq_distances(X, Y, cand):
     cand = np.asarray(cand)
     n, c = cand.shape
     out = np.empty((n, c), dtype=np.float64)
-    X64 = X if X.dtype == np.float64 else None
+    if n == 0 or c == 0:
+        return out
+    d = X.shape[1]
     # Rows per step: the gathered float64 candidates stay about _RERANK_BYTES (cache
     # sized), and narrow data take more rows per step (fewer Python iterations).
-    step = max(8, _RERANK_BYTES // max(1, c * X.shape[1] * 8))
+    step = int(min(n, max(1, _RERANK_BYTES // max(1, c * d * 8))))
+    # Buffers allocated once per call and reused by every step: fresh allocations of
+    # a few MiB per step would each be a new mmap, page-faulted and zeroed again.
+    G = np.empty((step, c, d), dtype=np.float64)
+    G_in = None if Y.dtype == np.float64 else np.empty((step, c, d), dtype=Y.dtype)
     for s in range(0, n, step):
         e = min(s + step, n)
-        xs = X64[s:e] if X64 is not None else X[s:e].astype(np.float64)
-        G = Y[cand[s:e]].astype(np.float64)  # (rows, c, features), a few MiB
-        G -= xs[:, None, :]
+        g = G[:e - s]
+        if G_in is None:
+            np.take(Y, cand[s:e], axis=0, out=g)
+        else:
+            np.take(Y, cand[s:e], axis=0, out=G_in[:e - s])
+            g[...] = G_in[:e - s]  # exact: float32 and integers fit float64
+        g -= X[s:e, None, :]
         # Batched dot of each difference with itself: BLAS, float64 accumulation.
-        out[s:e] = np.matmul(G[:, :, None, :], G[:, :, :, None])[..., 0, 0]
+        out[s:e] = np.matmul(g[:, :, None, :], g[:, :, :, None])[..., 0, 0]
     return out
 
 
@@ -337,7 +347,18 @@ def _error_bound(dtype, n_features):
     return 2 * du / (1 - du) + 8 * u if du < 0.5 else np.inf
 
 
-def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None):
+def _scratch(work, name, shape, dtype):
+    """A C-contiguous buffer of ``shape``: from ``work`` (reused) when given."""
+    if work is None:
+        return np.empty(shape, dtype)
+    size = int(np.prod(shape))
+    buf = work.get(name)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = work[name] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
     """Exact ``k`` nearest rows of a training block for every query.
 
     Parameters
@@ -352,6 +373,10 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None):
     margin : int
         Extra approximate candidates re-ranked exactly.
     shift : ndarray of shape (n_features,), optional
+    work : dict, optional
+        Scratch buffers kept by the caller between calls (the centred block and the
+        ranking block): reusing them spares the page faults and zeroing of fresh
+        allocations of tens of MiB per block.
 
     Returns
     -------
@@ -371,14 +396,19 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None):
     Y = np.asarray(Y)
     m = Y.shape[0]
     n_cand = min(int(k) + int(margin), m)
-    yc = as_block(Y, xm2.dtype, shift)
+    if shift is None and Y.dtype == xm2.dtype and Y.flags.c_contiguous:
+        yc = Y
+    else:
+        yc = _scratch(work, "yc", Y.shape, xm2.dtype)
+        np.subtract(Y, np.zeros(1) if shift is None else np.asarray(shift).astype(xm2.dtype, copy=False),
+                    out=yc, casting="unsafe")
     # In the working dtype (SIMD, a third of the float64 cost); the error bound
     # accounts for it.
     yn = np.einsum("ij,ij->i", yc, yc)
     _check_finite(yn, offset)
     # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
     # along a row, so it is left out of the (n_queries, n_rows) block.
-    S = np.matmul(xm2, yc.T)
+    S = np.matmul(xm2, yc.T, out=_scratch(work, "S", (xm2.shape[0], m), xm2.dtype))
     S += yn[None, :]
     del yc
     if n_cand < m:
