@@ -30,9 +30,12 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 # Memory the runtime adds once work starts, whatever the block sizes: thread stacks,
-# BLAS work buffers, zarr's event loop and codec buffers, dask's bookkeeping.
-# Measured with tests/test_budget_memory.py (a 1-row plan on this machine).
-RUNTIME_OVERHEAD = 40 * 2**20
+# BLAS work buffers, zarr's event loop and codec buffers.  Measured in
+# tests/test_memory.py (the intercept of measured peak against block bytes).
+RUNTIME_OVERHEAD = 20 * 2**20
+# dask's bookkeeping per task of a graph (task objects, keys, scheduler state),
+# measured with graphs of 400 and 40000 tasks.
+TASK_OVERHEAD = 16 * 2**10
 
 # The smallest block worth a task: below this the per-task overhead (~100 us) and
 # the GEMM's poor efficiency on thin blocks dominate.
@@ -199,38 +202,77 @@ def _positive(name, value):
 # (float32 data stays float32 for distances; integers become float32; GMM works in
 # float64), `src` the stored itemsize (a converted block is a second copy).
 
-def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast):
+def _read_cost(rows, chunk_rows, row_bytes, compressed=True):
+    """Bytes alive while a task reads ``rows`` rows of a Zarr array.
+
+    Zarr decodes whole chunks straight into the block where the block covers them
+    (blocks are aligned by :func:`_align`); a block that is a fraction of a
+    compressed chunk also holds that decoded chunk (an uncompressed one is read in
+    part).  Measured in tests/test_memory.py.
+    """
+    extra = chunk_rows * row_bytes if compressed and chunk_rows and rows < chunk_rows else 0
+    return rows * row_bytes + extra
+
+
+def _align(rows, chunk_rows, n):
+    """Round a block down to a multiple or a divisor of the stored chunks.
+
+    Either way no stored chunk is decoded by two tasks, and no task decodes more
+    than its own block's worth (or one chunk).
+    """
+    if not chunk_rows or rows >= n:
+        return rows
+    if rows >= chunk_rows:
+        return rows // chunk_rows * chunk_rows
+    small = [q for i in range(1, math.isqrt(chunk_rows) + 1) if chunk_rows % i == 0
+             for q in (i, chunk_rows // i) if q <= rows]
+    return max(small)
+
+
+def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast,
+                    x_chunk_rows=None, y_chunk_rows=None, x_compressed=True, y_compressed=True,
+                    n_blocks=1):
+    # Mirrors pipeline.distances._block: each task reads both blocks (stored dtype),
+    # centres them into working copies, and writes one GEMM output block.
     d = n_features
     w = 8 if upcast else max(itemsize, 4)
     conv = itemsize != w
     items = [
-        CostItem("query block", bq * d * w, threads, "read, converted and centred" if conv else "read and centred"),
-        CostItem("train block", bt * d * w, threads, "read, converted and centred" if conv else "read and centred"),
-    ]
-    if conv:
-        items.append(CostItem("stored-dtype copies", (bq + bt) * d * itemsize, threads, "before conversion"))
-    items += [
+        CostItem("query block as read", _read_cost(bq, x_chunk_rows, d * itemsize, x_compressed), threads,
+                 "stored dtype (+ a compressed chunk if the block is smaller)"),
+        CostItem("train block as read", _read_cost(bt, y_chunk_rows, d * itemsize, y_compressed), threads,
+                 "stored dtype (+ a compressed chunk if the block is smaller)"),
+        CostItem("query block centred", bq * d * w, threads, "converted, working dtype" if conv else "working dtype"),
+        CostItem("train block centred", bt * d * w, threads, "converted, working dtype" if conv else "working dtype"),
         CostItem("GEMM output block", bq * bt * w, threads, "-2xy^T + norms, in place"),
-        CostItem("output block as written", bq * bt * out_itemsize * 2, threads, "cast + encoded chunk"),
+    ]
+    if out_itemsize != w:
+        items.append(CostItem("output cast", bq * bt * out_itemsize, threads, "to the output dtype"))
+    # Writing copies the block into the chunk's bytes (uncompressed); the copy is brief
+    # next to the GEMM, so the threads rarely hold one each (measured).
+    items += [
+        CostItem("output chunk as encoded", bq * bt * out_itemsize, 1, "brief: one at a time"),
+        CostItem("graph", 3 * n_blocks * TASK_OVERHEAD, 1, "dask's bookkeeping, 3 tasks a block"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
     return items
 
 
 def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
+    # Mirrors pipeline.kernels.topk.knn_block and pipeline.neighbors' graph.
     d = n_features
-    w = max(itemsize, 4)
-    conv = itemsize != w
+    w = max(itemsize, 4)  # working dtype: float64 stays, float32 and integers -> float32
+    cand = k + 2 + k // 8  # k + neighbors._default_margin(k)
     items = [
-        CostItem("query block", bq * d * w, 1, "held while the train set streams"),
-        CostItem("train block", bt * d * w, threads, "read, converted and centred" if conv else "read and centred"),
-    ]
-    if conv:
-        items.append(CostItem("stored-dtype copy", bt * d * itemsize, threads, "before conversion"))
-    items += [
-        CostItem("distance block", bq * bt * w, threads, "one GEMM"),
-        CostItem("argpartition indices", bq * bt * 8, threads, "int64"),
-        CostItem("partial top-k lists", bq * k * 16, threads + min(n_train_blocks, 8), "distances + indices, merged in a tree"),
+        CostItem("query block, prepared", bq * d * (w + 8), 1, "centred copy + float64 copy for the exact re-rank"),
+        CostItem("query block as read", bq * d * itemsize, 1, "until prepared"),
+        CostItem("train block as read", bt * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"),
+        CostItem("train block centred", bt * d * w, threads, "working dtype"),
+        CostItem("ranking block", bq * bt * w, threads, "one GEMM: ||y||^2 - 2 x.y"),
+        CostItem("argpartition indices", min(bq, 64) * bt * 8, threads, "64 query rows at a time"),
+        CostItem("exact re-rank buffers", max(2 * 2**20, 8 * cand * d * 8) * 2 + bq * cand * 24, threads, "gathered candidates, float64"),
+        CostItem("partial top-k lists", bq * (k * 16 + 8), threads + min(n_train_blocks, 8),
+                 "distances, indices, bound; merged in a tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
     return items
@@ -336,24 +378,41 @@ def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
     return builder(budget, threads, **shape)
 
 
-def _plan_distances(budget, threads, *, n_x, n_y, n_features, itemsize=4, out_itemsize=None, upcast=False):
+def _plan_distances(budget, threads, *, n_x, n_y, n_features, itemsize=4, out_itemsize=None,
+                    upcast=False, x_chunk_rows=None, y_chunk_rows=None, x_compressed=True,
+                    y_compressed=True):
     n_x, n_y, d = (_positive(n, v) for n, v in (("n_x", n_x), ("n_y", n_y), ("n_features", n_features)))
     out_itemsize = out_itemsize or (8 if upcast else max(itemsize, 4))
-    cost = lambda bq, bt: _cost_distances(bq, bt, n_features=d, itemsize=itemsize,
-                                          out_itemsize=out_itemsize, threads=threads, upcast=upcast)
+    blocks = lambda bq, bt: math.ceil(n_x / bq) * math.ceil(n_y / bt)
+
+    def cost(bq, bt):
+        return _cost_distances(bq, bt, n_features=d, itemsize=itemsize, out_itemsize=out_itemsize,
+                               threads=threads, upcast=upcast, x_chunk_rows=x_chunk_rows,
+                               y_chunk_rows=y_chunk_rows, x_compressed=x_compressed,
+                               y_compressed=y_compressed, n_blocks=blocks(bq, bt))
+
     peak = lambda bq, bt: sum(i.total for i in cost(bq, bt))
+    square = lambda b: peak(min(b, n_x), min(b, n_y))
+    # Smaller blocks need less memory each but make more of them (dask's bookkeeping):
+    # the least total lies between; above it the total grows with the block size.
+    grid, b = [], 1
+    while b < max(n_x, n_y):
+        grid.append(b)
+        b = max(b + 1, int(b * 1.25))
+    grid.append(max(n_x, n_y))
+    least = min(grid, key=square)
+    if square(least) > budget:
+        _too_small("distances", budget, square(least), "its smallest plan")
     # Square blocks keep the GEMM efficient and the output chunks tidy; once one side
     # holds all its rows, the other grows alone.
-    b = _largest(lambda b: peak(min(b, n_x), min(b, n_y)) <= budget, 1, max(n_x, n_y))
-    if b is None:
-        _too_small("distances", budget, peak(1, 1), "one query row against one train row")
+    b = _largest(lambda b: square(b) <= budget, least, max(n_x, n_y))
     bq, bt = min(b, n_x), min(b, n_y)
     if bq == n_x and bt < n_y:
         bt = _largest(lambda t: peak(bq, t) <= budget, bt, n_y)
     elif bt == n_y and bq < n_x:
         bq = _largest(lambda q: peak(q, bt) <= budget, bq, n_x)
-    params = {"query_rows": bq, "train_rows": bt,
-              "blocks": math.ceil(n_x / bq) * math.ceil(n_y / bt)}
+    bq, bt = _align(bq, x_chunk_rows, n_x), _align(bt, y_chunk_rows, n_y)
+    params = {"query_rows": bq, "train_rows": bt, "blocks": blocks(bq, bt)}
     return Plan("distances", budget, threads, params, cost(bq, bt),
                 {"n_x": n_x, "n_y": n_y, "n_features": d, "itemsize": itemsize})
 
@@ -374,7 +433,7 @@ def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4)
     # training set is read exactly once.
     min_bt = min(n_t, 256)
     bq = _largest(lambda q: peak(q, min_bt) <= budget, 1, n_q)
-    if bq < n_q:
+    if bq is None or bq < n_q:
         # Balance: square-ish blocks read the train set ceil(n_q / bq) times.
         b = _largest(lambda b: peak(min(b, n_q), min(b, n_t)) <= budget, 1, max(n_q, n_t))
         bq = min(b, n_q)

@@ -188,7 +188,9 @@ def pairwise_distances(X, Y, metric="euclidean", memory_budget=None, *, precisio
                  itemsize=max(Xd.dtype.itemsize, Yd.dtype.itemsize), out_itemsize=dtype.itemsize,
                  upcast=upcast, memory_budget=memory_budget,
                  x_chunk_rows=srcx.chunks[0] if srcx is not None else None,
-                 y_chunk_rows=srcy.chunks[0] if srcy is not None else None)
+                 y_chunk_rows=srcy.chunks[0] if srcy is not None else None,
+                 x_compressed=bool(srcx is not None and srcx.compressors),
+                 y_compressed=bool(srcy is not None and srcy.compressors))
         query_rows = query_rows or p["query_rows"]
         train_rows = train_rows or p["train_rows"]
     store = _store(Y)

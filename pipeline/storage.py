@@ -36,7 +36,7 @@ _FLOAT = (np.float32, np.float64)
 # Compressed chunks must save at least this much to be worth their decode time
 # (zstd decodes ~500 MB/s here; an uncompressed read is about twice as fast).
 _COMPRESSION_PAYS = 0.8
-_DEFAULT_CHUNK_BYTES = 32 * 2**20
+_DEFAULT_CHUNK_BYTES = 8 * 2**20  # small enough for small budgets (zarr decodes whole chunks)
 
 
 # --------------------------------------------------------------------------- URLs
@@ -270,6 +270,32 @@ def as_array(X, name="X", rows=None):
     return arr
 
 
+def zarr_source(X):
+    """The ``zarr.Array`` behind ``X`` (a Dataset, URL or Zarr array), else None.
+
+    Graph builders pass it to tasks that read their own rows (:func:`read_rows`):
+    a block read inside the task that uses it is freed with that task, whereas a
+    separate read task's block stays in memory until its last consumer has run
+    (for an all-pairs product, that is the whole dataset).
+    """
+    import zarr
+
+    if isinstance(X, (str, Path)):
+        X = open_dataset(X)
+    if isinstance(X, Dataset):
+        X = X.X_zarr
+    return X if isinstance(X, zarr.Array) else None
+
+
+def read_rows(source, rows):
+    """Rows ``rows[0] .. rows[-1]`` of a Zarr array, as a C-contiguous block.
+
+    ``rows`` is the block of a ``dask.array.arange`` over the rows, so the same
+    chunking describes the blocks whether they are read here or by dask.
+    """
+    return np.ascontiguousarray(source[int(rows[0]): int(rows[-1]) + 1])
+
+
 def as_labels(y, n, name="y"):
     """Return labels as a 1-D NumPy integer array of length ``n``.
 
@@ -429,7 +455,7 @@ def write_dataset(url, X, y=None, chunk_rows=None, overwrite=False, compressor="
     y : array-like of shape (n_samples,), optional
         Integer labels.
     chunk_rows : int, optional
-        Rows per chunk; default about 32 MiB a chunk (less if ``memory_budget`` asks).
+        Rows per chunk; default about 8 MiB a chunk (less if ``memory_budget`` asks).
     overwrite : bool
         Replace whatever is at ``url``.
     compressor : {"auto", "zstd", "none"}

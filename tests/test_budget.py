@@ -75,8 +75,11 @@ def test_too_small_budget_names_a_minimum_that_works(op):
 
 
 def test_gmm_groups_components_when_parameters_do_not_fit():
-    p = plan("gmm", memory_budget="16GiB", threads=2, n_samples=1_000_000, n_features=900,
-             n_components=200, itemsize=8)
+    shape = dict(n_samples=1_000_000, n_features=900, n_components=200, itemsize=8)
+    with pytest.raises(BudgetError) as e:
+        plan("gmm", memory_budget="1MiB", threads=2, **shape)
+    minimum = int(str(e.value).split("--memory-budget ")[1].split("MiB")[0])
+    p = plan("gmm", memory_budget=f"{minimum}MiB", threads=2, **shape)
     assert 1 <= p["component_group"] < 200
     assert p["component_groups"] * p["component_group"] >= 200
     assert p["passes"] == 2 * p["component_groups"]
