@@ -296,20 +296,42 @@ def _reported(report):
         yield
 
 
-def _worker_blas(dask_worker=None):
-    """Run on each worker: BLAS threads from the worker's own thread count."""
+def _worker_blas(dask_worker=None, host_threads=None):
+    """Run on each worker: BLAS threads so that, on its machine, all workers' dask threads
+    x BLAS threads <= cores (``host_threads``: dask threads of all workers on that host)."""
     _limit_malloc()
-    return _set_blas_threads(blas_threads_for(dask_worker.state.nthreads))
+    threads = max(dask_worker.state.nthreads, host_threads or 0)
+    return _set_blas_threads(blas_threads_for(threads))
+
+
+def _host_threads(client):
+    """{host: dask threads of all the workers on it}, from the scheduler."""
+    from urllib.parse import urlsplit
+
+    totals = {}
+    for addr, w in client.scheduler_info(**({"n_workers": -1} if _accepts_n_workers(client) else {}))[
+            "workers"].items():
+        host = urlsplit(addr).hostname
+        totals[host] = totals.get(host, 0) + int(w.get("nthreads", 1))
+    return totals
 
 
 def _limit_workers_blas(client):
-    """Limit BLAS threads on every worker, including ones that join or restart later."""
+    """Limit BLAS threads on every worker, including ones that join or restart later.
+
+    Workers sharing a machine share its cores: two 1-thread workers on 2 cores get one
+    BLAS thread each, not two (which would run 4 threads on 2 cores).
+    """
+    from urllib.parse import urlsplit
+
     from distributed.diagnostics.plugin import WorkerPlugin
+
+    hosts = _host_threads(client)
 
     class _BlasLimit(WorkerPlugin):
         name = "pipeline-blas-limit"
 
         def setup(self, worker):
-            _worker_blas(worker)
+            _worker_blas(worker, hosts.get(urlsplit(worker.address).hostname))
 
     client.register_plugin(_BlasLimit())
