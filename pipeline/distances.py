@@ -216,13 +216,17 @@ def write_distances(query, train, out, *, metric="euclidean", memory_budget=None
     """Write the distance matrix between two datasets to a result store, block by block.
 
     The result group (kind ``distances``) holds ``D`` (n_query, n_train) with Zarr
-    chunks equal to the computation's blocks, so each task writes whole chunks; the
-    group is marked complete only after the last block is written.
+    chunks equal to the computation's blocks, so each task writes whole chunks, and a
+    ``_done`` record (one int8 chunk per block, written after the block).  The group is
+    marked complete only after the last block is written.  Rerun on the same job's
+    incomplete result (a crash, SIGKILL), it keeps the recorded blocks, computes only
+    the others, in the blocks the result was started with.
 
     Returns
     -------
     dict
-        A summary for the command line (shape, dtype, blocks, output).
+        A summary for the command line (shape, dtype, blocks, blocks written and kept,
+        output).
 
     Examples
     --------
@@ -231,17 +235,31 @@ def write_distances(query, train, out, *, metric="euclidean", memory_budget=None
     {'shape': '10000 x 50000', 'dtype': 'float32', 'blocks': 40, 'output': 'D.zarr'}
     """
     from .cluster import compute
-    from .storage import job_fingerprint, mark_complete, open_result_for_write, store_array
+    from .storage import (job_fingerprint, mark_complete, open_result_for_write, source_identity,
+                          write_blocks)
 
+    # Validation and the plan come first: bad input fails before anything is written.
     D = pairwise_distances(query, train, metric=metric, memory_budget=memory_budget, precision=precision)
-    job = job_fingerprint(op="distances", query=str(query), train=str(train), metric=metric, precision=precision)
-    group, status = open_result_for_write(out, "distances", job, overwrite)
-    summary = {"shape": f"{D.shape[0]} x {D.shape[1]}", "dtype": str(D.dtype),
-               "blocks": int(D.numblocks[0] * D.numblocks[1])}
+    job = job_fingerprint(op="distances", query=source_identity(query), train=source_identity(train),
+                          metric=metric, precision=precision)
+    group, status = open_result_for_write(out, "distances", job, overwrite, resume=True)
     if status == "complete":
-        return {"status": "already complete", **summary, "output": str(out)}
-    target = group.create_array("D", shape=D.shape, dtype=D.dtype,
-                                chunks=(D.chunks[0][0], D.chunks[1][0]), compressors=None)
-    compute(store_array(D, target, "distances-write"), label="distances")
+        summary = {"shape": f"{D.shape[0]} x {D.shape[1]}", "dtype": str(D.dtype)}
+        return {"status": "already complete (same job); nothing to do", **summary, "output": str(out)}
+    target = group["D"] if status == "resume" and "D" in group else None
+    if target is not None and (target.chunks[0], target.chunks[1]) != (D.chunks[0][0], D.chunks[1][0]):
+        # Resume in the blocks the result was started with (the budget may differ).
+        D = pairwise_distances(query, train, metric=metric, memory_budget=memory_budget,
+                               precision=precision, query_rows=target.chunks[0], train_rows=target.chunks[1])
+    if target is None:
+        target = group.create_array("D", shape=D.shape, dtype=D.dtype, compressors=None,
+                                    chunks=(D.chunks[0][0], D.chunks[1][0]),
+                                    config={"write_empty_chunks": True})
+    writes, written, kept = write_blocks(group, [(D, target)], "distances-write")
+    if writes is not None:
+        compute(writes, label="distances")
     mark_complete(group, metric=metric, precision=precision, n_query=int(D.shape[0]), n_train=int(D.shape[1]))
-    return {**summary, "output": str(out)}
+    return {"status": "complete" if not kept else "complete (resumed)",
+            "shape": f"{D.shape[0]} x {D.shape[1]}", "dtype": str(D.dtype),
+            "blocks": int(D.numblocks[0] * D.numblocks[1]), "blocks_written": written,
+            "blocks_kept": kept, "output": str(out)}

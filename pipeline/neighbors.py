@@ -449,26 +449,63 @@ class KNeighborsClassifier:
 
 # ----------------------------------------------------------------------------- store
 
-def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, overwrite=False):
+_PIECES = 8  # a resumable k-NN job is cut into at most this many query pieces ...
+_PIECE_ROWS = 256  # ... of at least this many rows (see write_knn)
+
+
+def _piece_rows(n_query, query_rows):
+    """Query rows per resumable piece of :func:`write_knn`.
+
+    Each piece is one complete k-NN pass over the training set whose outputs are one
+    Zarr chunk, recorded as done once written: a crash costs at most the piece in
+    flight.  The plan's own query blocks are kept when they are smaller (the training
+    set is then read once per block anyway); otherwise the queries are cut into at most
+    ``_PIECES`` pieces, so a long job is resumable at the price of reading the training
+    set up to ``_PIECES`` times (the GEMM work is the same).
+    """
+    return int(min(n_query, max(_PIECE_ROWS, min(query_rows, math.ceil(n_query / _PIECES)))))
+
+
+def _absolute_rows(error, offset):
+    """An InputError about query rows of a piece, renumbered as rows of the whole set."""
+    import re
+
+    text = str(error)
+    if offset and text.startswith("X (the query set)"):
+        text = re.sub(r"row\(s\) ([0-9, ]+)",
+                      lambda m: "row(s) " + ", ".join(str(int(r) + offset) for r in m.group(1).split(", ")),
+                      text, count=1)
+    return InputError(text.replace("X (the query set)", "QUERY", 1))
+
+
+def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, overwrite=False,
+              piece_rows=None):
     """Exact k-NN of a query dataset in a training dataset, written to a result store.
 
     Writes ``indices`` int64 (n_query, k), ``distances`` float64 (n_query, k) and,
     when the training set has labels, ``predictions`` (n_query,); when the query set
-    has labels too, the accuracy goes into the attributes.  The store is marked
-    complete only after everything is written.
+    has labels too, the accuracy goes into the attributes.  The queries are processed
+    in pieces (:func:`_piece_rows`, or ``piece_rows``), each written as one chunk of
+    every output and then recorded in ``_done``; the store is marked complete only
+    after every piece is written.  Rerun on the same job's incomplete result (a crash,
+    SIGKILL), it keeps the recorded pieces and computes only the others.
 
     Returns
     -------
     dict
-        A summary for the command line (rows, k, accuracy when known, output).
+        A summary for the command line (rows, k, pieces written and kept, accuracy
+        when known, output).
 
     Examples
     --------
     >>> import pipeline as pl                                         # doctest: +SKIP
     >>> pl.neighbors.write_knn("test.zarr", "train.zarr", "knn.zarr")  # doctest: +SKIP
-    {'queries': 1000, 'k': 5, 'accuracy': 0.91, 'output': 'knn.zarr'}
+    {'status': 'complete', 'queries': 1000, 'k': 5, 'pieces': 4, ..., 'output': 'knn.zarr'}
     """
-    from .storage import Dataset, as_array, job_fingerprint, mark_complete, open_dataset, open_result_for_write
+    from .budget import plan
+    from .cluster import dask_threads
+    from .storage import (Dataset, _test_pause, as_array, done_record, job_fingerprint, mark_complete,
+                          open_dataset, open_result_for_write, pending_blocks, source_identity)
 
     if weights not in ("uniform", "distance"):
         raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
@@ -477,31 +514,60 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     qd, td = as_array(qsrc, "QUERY"), as_array(tsrc, "TRAIN")
     _check_features(qd, td, "QUERY", "TRAIN")
     k = _check_k(k, td.shape[0], "k")
-    job = job_fingerprint(op="knn", query=str(query), train=str(train), k=k, weights=weights)
-    group, status = open_result_for_write(out, "neighbors", job, overwrite)
+    n = int(qd.shape[0])
+    # The plan first: an impossible budget fails before anything is written.
+    p = plan("knn", n_query=n, n_train=td.shape[0], n_features=td.shape[1], k=k,
+             itemsize=max(qd.dtype.itemsize, td.dtype.itemsize), memory_budget=memory_budget,
+             threads=dask_threads())
+    job = job_fingerprint(op="knn", query=source_identity(query), train=source_identity(train), k=k,
+                          weights=weights)
+    group, status = open_result_for_write(out, "neighbors", job, overwrite, resume=True)
     if status == "complete":
         attrs = dict(group.attrs["pipeline"])
-        summary = {"status": "already complete", "queries": attrs.get("n_query"), "k": k}
+        summary = {"status": "already complete (same job); nothing to do", "queries": attrs.get("n_query"), "k": k}
         if "accuracy" in attrs:
             summary["accuracy"] = attrs["accuracy"]
         summary["output"] = str(out)
         return summary
-    dist, ind = kneighbors(qsrc, tsrc, k, memory_budget=memory_budget)
-    rows = min(ind.shape[0], max(1, (32 * 2**20) // (16 * k)))
-    group.create_array("indices", data=ind, chunks=(rows, k))
-    group.create_array("distances", data=dist, chunks=(rows, k))
-    summary = {"queries": int(ind.shape[0]), "k": k}
-    attrs = {"n_query": int(ind.shape[0]), "n_train": int(td.shape[0]), "k": k, "weights": weights}
     ytrain = tsrc.y if isinstance(tsrc, Dataset) else None
+    classes = enc = None
     if ytrain is not None:
         classes, enc = np.unique(np.asarray(ytrain.compute()), return_inverse=True)
-        pred, _ = _topk.vote(enc[ind], dist, classes, weights)
-        group.create_array("predictions", data=pred, chunks=(min(pred.shape[0], 8 * 2**20),))
-        yq = qsrc.y if isinstance(qsrc, Dataset) else None
-        if yq is not None:
-            acc = float(np.mean(pred == np.asarray(yq.compute())))
-            attrs["accuracy"] = acc
-            summary["accuracy"] = round(acc, 6)
+    if status == "resume" and "indices" in group:
+        rows = int(group["indices"].chunks[0])  # the pieces the result was started with
+    else:
+        rows = int(piece_rows) if piece_rows else _piece_rows(n, p["query_rows"])
+    outputs = {"indices": ((n, k), (rows, k), np.int64), "distances": ((n, k), (rows, k), np.float64)}
+    if classes is not None:
+        outputs["predictions"] = ((n,), (rows,), classes.dtype)
+    for name, (shape, chunks, dtype) in outputs.items():
+        if name not in group:
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None,
+                               config={"write_empty_chunks": True})
+    n_pieces = math.ceil(n / rows)
+    done = done_record(group, (n_pieces,))
+    todo = pending_blocks(done)
+    for (piece,) in todo:
+        a, b = piece * rows, min(n, (piece + 1) * rows)
+        try:
+            dist, ind = kneighbors(qd[a:b], tsrc, k, memory_budget=memory_budget)
+        except InputError as e:
+            raise _absolute_rows(e, a) from None
+        group["indices"][a:b] = ind
+        group["distances"][a:b] = dist
+        if classes is not None:
+            group["predictions"][a:b] = _topk.vote(enc[ind], dist, classes, weights)[0]
+        done[piece] = 1  # only after the piece's chunks: a rerun keeps exactly these
+        _test_pause()
+    summary = {"status": "complete (resumed)" if len(todo) < n_pieces else "complete",
+               "queries": n, "k": k, "pieces": n_pieces, "pieces_written": len(todo),
+               "pieces_kept": n_pieces - len(todo)}
+    attrs = {"n_query": n, "n_train": int(td.shape[0]), "k": k, "weights": weights}
+    yq = qsrc.y if isinstance(qsrc, Dataset) else None
+    if classes is not None and yq is not None:
+        acc = float(np.mean(group["predictions"][...] == np.asarray(yq.compute())))
+        attrs["accuracy"] = acc
+        summary["accuracy"] = round(acc, 6)
     summary["output"] = str(out)
     mark_complete(group, **attrs)
     return summary

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, InputError
+from .errors import DataError, InputError, PipelineError
 
 __all__ = [
     "Dataset", "open_dataset", "write_dataset", "ingest", "make_blobs", "make_cifar_like",
@@ -110,7 +110,7 @@ def _member(group, name, where):
             ) from None
         raise InputError(f"{where} cannot be opened ({e}); rewrite it with pipeline") from None
     _check_safe(arr, where)
-    return arr
+    return _checked(arr)
 
 
 def _check_safe(arr, where):
@@ -122,6 +122,362 @@ def _check_safe(arr, where):
             f"{where} has an object dtype or a pickle-based codec; pipeline refuses to "
             "decode it (it could run code); rewrite it as a numeric array"
         )
+
+
+# ---------------------------------------------------------------------- integrity
+#
+# Reads: every array a dataset is read from is a ``_CheckedArray`` (a zarr.Array whose
+# reads turn a decode failure into a DataError naming the array and the chunk), and a
+# dataset written with every chunk stored (``every_chunk_stored``) has its chunk keys
+# listed when opened, so a missing chunk is reported instead of read as fill_value.
+# Writes: zarr's LocalStore writes each chunk to a temporary file and os.replace()s it,
+# so a chunk file is whole or absent; a result's ``_done`` record (one int8 chunk per
+# block, written after the block's chunks) says which blocks a rerun may keep.
+
+_CHECKED = {}
+
+
+def _checked(arr, strict=False):
+    """``arr`` as a Zarr array whose failed reads name the chunk (see ``_checked_class``).
+
+    ``strict``: every chunk was stored (``every_chunk_stored``), so a read also checks
+    that the chunks it touches exist instead of taking a missing one as fill values.
+    """
+    return _checked_class(strict)(arr._async_array)
+
+
+def _checked_from(async_array, strict):
+    return _checked_class(strict)(async_array)
+
+
+def _checked_class(strict=False):
+    # Built on first use so that `import pipeline` does not import zarr.
+    if "cls" not in _CHECKED:
+        import zarr
+
+        class _CheckedArray(zarr.Array):
+            """A zarr.Array whose reads raise DataError naming the chunk that fails to decode."""
+
+            _strict = False
+
+            def __getitem__(self, selection):
+                if self._strict:
+                    check_chunks_present(self, rows=_selected_chunks(self, selection))
+                try:
+                    return super().__getitem__(selection)
+                except PipelineError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any decode failure means damaged data
+                    raise _decode_error(self, selection, e) from None
+
+            def __reduce__(self):
+                return _checked_from, (self._async_array, self._strict)
+
+        class _StrictArray(_CheckedArray):
+            _strict = True
+
+        for cls in (_CheckedArray, _StrictArray):
+            cls.__module__ = __name__
+        _CHECKED["cls"], _CHECKED["strict"] = _CheckedArray, _StrictArray
+    return _CHECKED["strict" if strict else "cls"]
+
+
+def _selected_chunks(arr, selection):
+    """The row-chunk indices a selection touches (all of them unless it is a row slice)."""
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if isinstance(first, slice) and arr.shape[0]:
+        lo, hi, _ = first.indices(arr.shape[0])
+        if hi <= lo:
+            return range(0)
+        return range(lo // arr.chunks[0], (hi - 1) // arr.chunks[0] + 1)
+    return range(arr.cdata_shape[0])
+
+
+def _store_name(arr):
+    root = getattr(arr.store, "root", None)
+    return repr(str(root)) if root is not None else repr(str(arr.store))
+
+
+def _chunk_where(arr, idx):
+    key = (f"{arr.path}/" if arr.path else "") + arr.metadata.encode_chunk_key(idx)
+    start = idx[0] * arr.chunks[0]
+    stop = min(start + arr.chunks[0], arr.shape[0])
+    return f"array {arr.path!r} of {_store_name(arr)}, chunk {tuple(idx)} (rows {start}..{stop - 1}, key {key!r})"
+
+
+def _decode_error(arr, selection, exc):
+    """A DataError naming the first chunk of ``selection`` that cannot be decoded."""
+    import itertools
+
+    import zarr
+
+    grid = arr.cdata_shape
+    for idx in itertools.product(_selected_chunks(arr, selection), *(range(n) for n in grid[1:])):
+        sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, arr.chunks, arr.shape))
+        try:
+            zarr.Array.__getitem__(arr, sl)
+        except Exception as e:  # noqa: BLE001
+            return DataError(f"{_chunk_where(arr, idx)} cannot be decoded ({type(e).__name__}: {e}); "
+                             "the store is damaged: write it again or restore it from a copy")
+    return DataError(f"array {arr.path!r} of {_store_name(arr)} cannot be read at {selection!r} "
+                     f"({type(exc).__name__}: {exc}); the store may be damaged")
+
+
+def check_chunks_present(arr, rows=None):
+    """Raise DataError naming the first chunk of ``arr`` whose key is missing from its store.
+
+    Zarr reads a missing chunk as ``fill_value`` without a word; for stores written with
+    every chunk stored, a missing key means a damaged store.  ``rows``: the row-chunk
+    indices to check (default all, listed at once; a few are checked one by one).
+    """
+    import itertools
+
+    from zarr.core.sync import sync
+
+    prefix = f"{arr.path}/" if arr.path else ""
+    rows = range(arr.cdata_shape[0]) if rows is None else rows
+    chunks = itertools.product(rows, *(range(n) for n in arr.cdata_shape[1:]))
+    if len(rows) > 4:
+        async def keys():
+            return {k async for k in arr.store.list_prefix(prefix)}
+
+        present = sync(keys()).__contains__
+    else:
+        def present(key):
+            return sync(arr.store.exists(key))
+    for idx in chunks:
+        if not present(prefix + arr.metadata.encode_chunk_key(idx)):
+            raise DataError(f"{_chunk_where(arr, idx)} is missing; the store is damaged (a chunk "
+                            "was deleted or never written): write it again or restore it from a copy")
+
+
+_HELD = {}  # lock file -> output URL, for the locks this process holds
+
+
+def _lock_path(url):
+    """``OUT.lock`` beside a local output (None for other URLs: they are not locked)."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(path).rstrip(os.sep) + ".lock"
+
+
+def _proc_start(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(info):
+    import socket
+
+    if info.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot tell, assume it runs
+    try:
+        pid = int(info["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return False
+    start = _proc_start(pid)
+    # A recycled pid belongs to a process started at another time.
+    return start is None or info.get("start") in (None, start)
+
+
+def acquire_lock(url):
+    """Claim the output ``url`` for this process (a lock file ``OUT.lock`` with pid and host).
+
+    Raises
+    ------
+    InputError
+        If a live process holds it.  Locks of dead processes (a crash, SIGKILL) are
+        taken over; locks this process already holds are kept.
+    """
+    import atexit
+    import socket
+    import time
+
+    path = _lock_path(url)
+    if path is None or path in _HELD:
+        return
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+          "since": _now(), "output": url}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = Path(path).read_text()
+                info = json.loads(text) if text else {}
+                age = time.time() - os.path.getmtime(path)
+            except (OSError, ValueError):
+                info, age = {}, 0.0
+            if not info and age < 5:
+                time.sleep(0.2)  # a lock being written this instant
+                continue
+            if info and not (info.get("pid") == me["pid"] and info.get("host") == me["host"]) \
+                    and _holder_alive(info):
+                raise InputError(
+                    f"output {url!r} is being written by another job (pid {info.get('pid')} on "
+                    f"{info.get('host')} since {info.get('since')}); wait for it to finish, or "
+                    f"delete {path} if that process is gone"
+                )
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Path(tmp).write_text(json.dumps(me))
+            os.replace(tmp, path)  # a stale lock (its process died): take it over
+            time.sleep(0.05)
+            try:
+                if json.loads(Path(path).read_text()).get("pid") != me["pid"]:
+                    continue  # another process took it over at the same moment
+            except (OSError, ValueError):
+                continue
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        if not _HELD:
+            atexit.register(_release_all)
+        _HELD[path] = url
+        return
+    raise InputError(f"cannot lock output {url!r} ({path} keeps changing); another job is starting on it")
+
+
+def release_lock(url):
+    """Give up the lock on ``url`` if this process holds it."""
+    path = _lock_path(_url(url))
+    if path is None or _HELD.pop(path, None) is None:
+        return
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+def _release_all():
+    for path in list(_HELD):
+        release_lock(_HELD[path])
+
+
+def _group_url(group):
+    root = getattr(group.store, "root", None)
+    if root is None:
+        return None
+    return os.path.join(str(root), group.path) if group.path else str(root)
+
+
+def _test_pause():
+    """Testing hook: sleep ``PIPELINE_TEST_BLOCK_DELAY`` seconds after each block written.
+
+    The crash tests set it so that a real SIGKILL lands part-way through a small job.
+    """
+    delay = float(os.environ.get("PIPELINE_TEST_BLOCK_DELAY") or 0)
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
+
+
+def done_record(group, grid):
+    """The result's per-block completion record ``_done``: int8, one chunk per block."""
+    grid = tuple(int(n) for n in grid)
+    if "_done" in group:
+        done = group["_done"]
+        if tuple(done.shape) != grid:
+            raise DataError(f"the block record of {_group_url(group) or 'the output'} has shape "
+                            f"{done.shape}, expected {grid}; rerun with --overwrite")
+        return done
+    return group.create_array("_done", shape=grid, chunks=(1,) * len(grid), dtype=np.int8,
+                              fill_value=0, compressors=None)
+
+
+def pending_blocks(done):
+    """Indices of the blocks not yet recorded as written, in order."""
+    return [tuple(int(i) for i in idx) for idx in np.argwhere(done[...] == 0)]
+
+
+def _chunk_slices(target, idx):
+    return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, target.chunks, target.shape))
+
+
+def _write_blocks_task(targets, done, idx, *blocks):
+    for target, block in zip(targets, blocks):
+        target[_chunk_slices(target, idx)] = block
+    done[idx] = 1  # only after the block's chunks: a rerun keeps exactly the finished blocks
+    _test_pause()
+    return np.ones(1, dtype=np.int8)
+
+
+def write_blocks(group, arrays, label):
+    """A lazy, resumable write of dask arrays into Zarr arrays of a result group.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The result; its ``_done`` record is created (all zero) or reused.
+    arrays : list of (dask array, zarr.Array)
+        Same block grid, each dask chunk exactly one Zarr chunk (checked).
+    label : str
+        Task keys read ``pipeline-<label>-<hash>``.
+
+    Returns
+    -------
+    (dask array or None, n_written, n_kept)
+        One task per block not yet recorded as done (None when every block is); tasks
+        of blocks already written are not in the graph at all, so nothing upstream of
+        them is computed again.
+    """
+    import math as _math
+
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    darrs = [d for d, _ in arrays]
+    targets = [t for _, t in arrays]
+    grid = darrs[0].numblocks
+    for darr, target in arrays:
+        if darr.numblocks != grid or darr.shape != target.shape:
+            raise ValueError(f"{darr} does not match {target} or the first array's blocks")
+        for dim, (chunks, zc) in enumerate(zip(darr.chunks, target.chunks)):
+            if any(c != zc for c in chunks[:-1]) or chunks[-1] > zc:
+                raise ValueError(f"dask chunks {darr.chunks} are not aligned with Zarr chunks {target.chunks} on axis {dim}")
+    done = done_record(group, grid)
+    todo = pending_blocks(done)
+    kept = _math.prod(grid) - len(todo)
+    if not todo:
+        return None, 0, kept
+    name = f"pipeline-{label}-" + tokenize([d.name for d in darrs], [t.path for t in targets],
+                                           _group_url(group) or id(group), todo)
+    dsk = {(name, n): (_write_blocks_task, targets, done, idx) + tuple((d.name,) + idx for d in darrs)
+           for n, idx in enumerate(todo)}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=darrs)
+    out = da.Array(graph, name, chunks=((1,) * len(todo),), dtype=np.int8, meta=np.empty((0,), np.int8))
+    return out, len(todo), kept
+
+
+def source_identity(X):
+    """An input's URL and creation stamp (or a description), for job fingerprints.
+
+    A dataset written again gets a new stamp, so a result computed from the old one is
+    not mistaken for (or resumed as) the same job.
+    """
+    if isinstance(X, Dataset):
+        return f"{X.url}@{X.attrs.get('created', '')}"
+    if isinstance(X, (str, Path)):
+        import zarr
+
+        try:
+            attrs = dict(zarr.open_group(store=str(X), mode="r").attrs.get("pipeline", {}))
+        except Exception:  # noqa: BLE001 - unreadable inputs are reported when opened
+            attrs = {}
+        return f"{X}@{attrs.get('finished') or attrs.get('created') or ''}"
+    return f"<{type(X).__name__} {getattr(X, 'shape', '')}>"
 
 
 # ------------------------------------------------------------------------ Dataset
@@ -202,11 +558,15 @@ def open_dataset(url) -> Dataset:
             f"dataset {url!r} is incomplete (its writing was interrupted); write it again "
             "with --overwrite"
         )
+    if attrs.get("every_chunk_stored"):
+        X = _checked(X, strict=True)  # reads check that their chunks exist
     y = None
     yz = _member(g, "y", f"array 'y' of {url!r}")
     if yz is not None:
         if yz.shape != (X.shape[0],):
             raise InputError(f"labels 'y' of {url!r} have shape {yz.shape}; expected ({X.shape[0]},)")
+        if attrs.get("every_chunk_stored"):
+            yz = _checked(yz, strict=True)
         y = da.from_zarr(yz)
     return Dataset(url, da.from_zarr(X), y, attrs, X, yz)
 
@@ -371,8 +731,10 @@ def _compressors(sample, compressor):
 
 def _prepare_output(url, overwrite, what="output"):
     url = _url(url)
+    acquire_lock(url)  # before anything is removed: another job's output is never touched
     if _exists(url):
         if not overwrite:
+            release_lock(url)
             raise InputError(
                 f"{what} {url!r} already exists; pass --overwrite (overwrite=True) to "
                 "replace it or choose another path"
@@ -422,6 +784,9 @@ def _write_group(url, arrays, attrs, label, overwrite, compressor="auto", progre
     from .cluster import compute
 
     url = _prepare_output(url, overwrite)
+    # Every chunk is stored, even one equal to the fill value, so that readers can
+    # tell a missing chunk (a damaged store) from an empty one.
+    attrs = {**attrs, "every_chunk_stored": True}
     g = _create_group(url, {**attrs, "complete": False})
     writes = []
     for name, (darr, sample) in arrays.items():
@@ -429,10 +794,12 @@ def _write_group(url, arrays, attrs, label, overwrite, compressor="auto", progre
         target = g.create_array(
             name, shape=darr.shape, dtype=darr.dtype,
             chunks=tuple(c[0] for c in darr.chunks), compressors=comp,
+            config={"write_empty_chunks": True},
         )
         writes.append(store_array(darr, target, f"{label}-{name}"))
     compute(*writes, label=progress_label or label)
     g.attrs["pipeline"] = {**attrs, "complete": True}
+    release_lock(url)
     return g
 
 
@@ -770,36 +1137,49 @@ def job_fingerprint(**params) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def open_result_for_write(url, kind, job, overwrite=False):
-    """Create a result group for ``kind``, or report that the same job already finished.
+def open_result_for_write(url, kind, job, overwrite=False, resume=False):
+    """Create a result group for ``kind``, resume the same job's, or report it finished.
+
+    The output is locked for this process first (``OUT.lock``, see :func:`acquire_lock`)
+    and unlocked by :func:`mark_complete`.
 
     Returns
     -------
     (group or None, status)
-        ``status`` is ``"new"`` (a fresh incomplete group is returned) or
-        ``"complete"`` (the same job's complete result is already there; group is the
-        opened result, read-only).
+        ``status`` is ``"new"`` (a fresh incomplete group is returned),
+        ``"resume"`` (with ``resume=True``: the same job's incomplete result, opened for
+        writing, its finished blocks kept) or ``"complete"`` (the same job's complete
+        result is already there; group is the opened result, read-only).
 
     Raises
     ------
     InputError
-        If ``url`` holds anything else and ``overwrite`` is false.
+        If ``url`` holds anything else and ``overwrite`` is false, or another live
+        process is writing it.
     """
     import zarr
 
     url = _url(url)
+    acquire_lock(url)
     if _exists(url) and not overwrite:
         try:
             g = zarr.open_group(store=url, mode="r")
             attrs = dict(g.attrs.get("pipeline", {}))
         except Exception:  # noqa: BLE001 - anything unreadable is "something else"
             attrs = {}
-        if attrs.get("kind") == kind and attrs.get("job") == job and attrs.get("complete"):
+        same = attrs.get("kind") == kind and attrs.get("job") == job
+        if same and attrs.get("complete"):
+            release_lock(url)
             return g, "complete"
-        raise InputError(
-            f"output {url!r} already exists and holds another result; pass --overwrite "
-            "(overwrite=True) to replace it or choose another path"
-        )
+        if same and resume:
+            return zarr.open_group(store=url, mode="r+"), "resume"
+        if not same:
+            release_lock(url)
+            raise InputError(
+                f"output {url!r} already exists and holds another result; pass --overwrite "
+                "(overwrite=True) to replace it or choose another path"
+            )
+        # The same job's incomplete result, by a writer that cannot resume: start again.
     _prepare_output(url, overwrite=True)
     g = _create_group(url, {"format": FORMAT, "kind": kind, "job": job, "complete": False,
                             "created": _now()})
@@ -811,6 +1191,9 @@ def mark_complete(group, **attrs):
     meta = dict(group.attrs["pipeline"])
     meta.update(attrs, complete=True, finished=_now())
     group.attrs["pipeline"] = meta
+    url = _group_url(group)
+    if url is not None:
+        release_lock(url)
 
 
 def open_result(url, kind=None):
