@@ -1107,7 +1107,10 @@ def make_cifar_like(url, n_samples, n_features=3072, n_classes=10, random_state=
         rng = _block_rng(seed + 1, block_info[None]["chunk-location"][0])
         coef = rng.standard_normal((X.shape[0], _NUISANCES), dtype=np.float32)
         coef *= nuisance
-        X += coef @ N
+        # 16 axpys rather than one GEMM: BLAS results depend on its thread count, and
+        # the same seed must give the same bytes on threads and on any cluster.
+        for j in range(_NUISANCES):
+            X += coef[:, j, None] * N[j]
         np.clip(X, 0, 255, out=X)
         return np.rint(X, out=X).astype(np.uint8)
 
