@@ -80,11 +80,39 @@ def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
             held += cq * Xd.shape[1] * Xd.dtype.itemsize
         p = plan("knn", memory_budget=max(1, budget - held), threads=threads, **shape)
     bt = int(train_rows or p["train_rows"])
-    if train_rows is None and ct:
-        bt = _align(bt, ct, Yd.shape[0])  # whole Zarr chunks per block: each decoded once
+    if train_rows is None:
+        bt = _grow_train_rows(p, bt, k, threads, budget, Yd.shape[0])
+        if ct:
+            bt = _align(bt, ct, Yd.shape[0])  # whole Zarr chunks per block: each decoded once
     Xd = as_array(X, "X", rows=int(query_rows or p["query_rows"]))
     Yd = as_array(Y, "Y", rows=bt)
     return Xd, Yd, k, p, _store(Y)
+
+
+def _grow_train_rows(p, bt, k, threads, budget, n_train):
+    """Training rows per block: at least ~400 per re-ranked candidate, if the budget allows.
+
+    The exact re-rank of a block costs about as much as 40 GEMM columns per
+    candidate, whatever the block's width: blocks of 400 candidates' worth keep it
+    under a tenth of the GEMM.  The planner's smaller blocks (more tasks than threads,
+    for overlap) are kept when they are already that wide.
+    """
+    from .budget import _cost_knn
+
+    want = min(n_train, 400 * (k + _default_margin(k)))
+    if bt >= want:
+        return bt
+
+    def fits(t):
+        items = _cost_knn(p["query_rows"], t, n_features=p.shape["n_features"], itemsize=p.shape["itemsize"],
+                          k=k, threads=threads, n_train_blocks=math.ceil(n_train / t))
+        return sum(i.total for i in items) <= budget
+
+    lo, hi = bt, want
+    while lo < hi:  # largest fitting width in [bt, want]
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 # ----------------------------------------------------------------------------- graph
@@ -290,7 +318,7 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
 
 def _kneighbors(Xd, Yd, k, margin, split_every, store):
     """Squared exact distances and indices: the main pass, then the fallbacks."""
-    from .cluster import compute
+    from .distances import _compute as compute
 
     (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store),
                      label="k-NN")
