@@ -223,3 +223,33 @@ def test_tls_options_with_a_tcp_address_are_a_usage_error(tls_cluster):
 
     assert main(["distances", "a", "b", "c", "--scheduler", "tcp://127.0.0.1:9",
                  "--tls-ca-file", tls_cluster.ca, "--tls-cert", tls_cluster.client_cert]) == 2
+
+
+def _handshake(address, ca, cert=None, key=None):
+    """'open' if the scheduler keeps a raw TLS connection open, 'refused' if it drops it."""
+    import socket
+    import ssl
+
+    host, port = address[len("tls://"):].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False  # the cluster's certificates name nodes by IP, as distributed does
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw) as s:
+                s.settimeout(2)
+                # TLS 1.3: a rejection of the client's certificate arrives on the first read.
+                return "refused" if s.recv(1) == b"" else "open"
+        except TimeoutError:
+            return "open"  # the scheduler is waiting for our first message
+        except (ssl.SSLError, ConnectionError):
+            return "refused"
+
+
+def test_the_scheduler_itself_refuses_a_tls_client_without_certificate(tls_cluster):
+    """Not only our CLI's check: the scheduler's TLS handshake demands a client certificate."""
+    c = tls_cluster
+    assert _handshake(c.address, c.ca, c.client_cert, c.client_key) == "open"
+    assert _handshake(c.address, c.ca) == "refused"
+    assert _handshake(c.address, c.ca, c.rogue_cert, c.rogue_key) == "refused"
