@@ -802,7 +802,8 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     """
     import zarr
 
-    from .storage import _exists, _url, job_fingerprint, mark_complete, open_result_for_write
+    from .storage import (_exists, _test_pause, _url, acquire_lock, job_fingerprint, mark_complete,
+                          open_result_for_write)
 
     t0 = time.perf_counter()
     model_url = _url(model_url)
@@ -818,6 +819,7 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     _plan(X0, n_components, memory_budget)
     state = None
     group = None
+    acquire_lock(model_url)  # another job fitting into model_url: refuse before touching it
     if _exists(model_url) and not overwrite:
         try:
             existing = zarr.open_group(store=model_url, mode="r+")
@@ -825,12 +827,15 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
         except Exception:  # noqa: BLE001 - unreadable: leave it to open_result_for_write
             meta = {}
         if meta.get("kind") == "gmm" and meta.get("job") == job and not meta.get("complete"):
-            if "precisions_cholesky" in existing and meta.get("n_iter") is not None:
+            # The iteration's parameters sit in the checkpoint the attributes name (written
+            # whole before the attributes switch to it); older models kept them at the top.
+            saved = existing[meta["checkpoint"]] if meta.get("checkpoint") in existing else existing
+            if "precisions_cholesky" in saved and meta.get("n_iter") is not None:
                 group = existing
                 lb = meta.get("lower_bound")
-                state = {"params": {"weights": existing["weights"][...], "means": existing["means"][...],
-                                    "covariances": existing["covariances"][...],
-                                    "precisions_cholesky": existing["precisions_cholesky"][...]},
+                state = {"params": {"weights": saved["weights"][...], "means": saved["means"][...],
+                                    "covariances": saved["covariances"][...],
+                                    "precisions_cholesky": saved["precisions_cholesky"][...]},
                          "n_iter": int(meta["n_iter"]), "history": meta.get("history", []),
                          "lower_bound": -np.inf if lb is None else float(lb),
                          "converged": meta.get("converged", False)}
@@ -845,11 +850,27 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
                     "lower_bound": meta.get("lower_bound")}
 
     def save(params, n_iter, lower_bound, history, converged):
-        _save_model(group, params, n_iter, lower_bound, history, converged, job)
+        # Iteration t goes to checkpoint group _iter<t % 2>, and the one attributes write
+        # that records n_iter also points at it: a crash mid-save leaves the previous
+        # iteration's checkpoint whole and named.
+        name = f"_iter{n_iter % 2}"
+        if name not in group:
+            group.create_group(name)
+        _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job)
+        _test_pause()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the summary instead
         gm._fit(data, callback=save, state=state)
+    final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
+             "precisions_cholesky": gm.precisions_cholesky_}
+    _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job)
+    for name in ("_iter0", "_iter1"):
+        if name in group:
+            del group[name]
+    meta = dict(group.attrs["pipeline"])
+    meta.pop("checkpoint", None)
+    group.attrs["pipeline"] = meta
     mark_complete(group, converged=bool(gm.converged_), n_iter=int(gm.n_iter_),
                   lower_bound=float(gm.lower_bound_))
     return {"model": model_url, "status": "complete",
@@ -857,6 +878,39 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
             "n_iter": int(gm.n_iter_), "converged": bool(gm.converged_),
             "lower_bound": float(gm.lower_bound_), "rows_per_block": gm.plan_["rows"],
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+class _Checkpoint:
+    """A model group as ``_save_model`` sees it: arrays go to the checkpoint group
+    ``name``, and the attributes write that records the iteration also names it."""
+
+    def __init__(self, group, name):
+        self._slot, self.attrs = group[name], _CheckpointAttrs(group.attrs, name)
+
+    def __contains__(self, key):
+        return key in self._slot
+
+    def __getitem__(self, key):
+        return self._slot[key]
+
+    def create_array(self, *args, **kwargs):
+        return self._slot.create_array(*args, **kwargs)
+
+
+class _CheckpointAttrs:
+    def __init__(self, attrs, name):
+        self._attrs, self._name = attrs, name
+
+    def __getitem__(self, key):
+        return self._attrs[key]
+
+    def get(self, key, default=None):
+        return self._attrs.get(key, default)
+
+    def __setitem__(self, key, value):
+        if key == "pipeline":
+            value = {**value, "checkpoint": self._name}
+        self._attrs[key] = value
 
 
 def load_model(model_url, memory_budget=None):
@@ -911,23 +965,30 @@ def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=Fals
     >>> predict_to_store("memory://doc/gmm-m3", "memory://doc/gmm-d3", "memory://doc/gmm-p3")["n_samples"]
     200
     """
-    from .storage import job_fingerprint, mark_complete, open_result_for_write, store_array
+    from .storage import job_fingerprint, mark_complete, open_result_for_write, source_identity, write_blocks
 
     t0 = time.perf_counter()
     gm = load_model(model_url, memory_budget=memory_budget)
     wlp = gm._weighted_log_prob_lazy(data)
-    job = job_fingerprint(model=str(model_url), data=_source_name(data))
-    group, status = open_result_for_write(out, "gmm-predictions", job, overwrite=overwrite)
+    job = job_fingerprint(model=source_identity(model_url), data=source_identity(data))
+    group, status = open_result_for_write(out, "gmm-predictions", job, overwrite=overwrite, resume=True)
     if status == "complete":
         return {"out": str(out), "status": "already complete (same job); nothing to do"}
+    if status == "resume" and "labels" in group and group["labels"].chunks[0] != wlp.chunks[0][0]:
+        # Started with other blocks (another budget): a pass is cheap, start again.
+        group, status = open_result_for_write(out, "gmm-predictions", job, overwrite=True)
     rows = wlp.chunks[0]
     labels = wlp.map_blocks(_labels_block, drop_axis=1, dtype=np.int64, token="pipeline-gmm-labels")
     ll = wlp.map_blocks(_lse_block, drop_axis=1, dtype=np.float64, token="pipeline-gmm-score")
-    writes = []
+    pairs = []
     for name, arr in (("labels", labels), ("log_likelihood", ll)):
-        target = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows[0],))
-        writes.append(store_array(arr, target, f"gmm-predict-{name}"))
-    (total,) = _compute(ll.sum(), *writes, label="predicting")[:1]
+        target = group[name] if name in group else group.create_array(
+            name, shape=arr.shape, dtype=arr.dtype, chunks=(rows[0],), config={"write_empty_chunks": True})
+        pairs.append((arr, target))
+    writes, written, kept = write_blocks(group, pairs, "gmm-predict-write")
+    if writes is not None:
+        _compute(writes, label="predicting")
+    total = float(np.sum(group["log_likelihood"][...]))  # 8 bytes a row, read back: resumes too
     n = wlp.shape[0]
     mark_complete(group, n_samples=int(n), mean_log_likelihood=float(total) / n, model=str(model_url))
     return {"out": str(out), "status": "complete", "n_samples": int(n),
