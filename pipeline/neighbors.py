@@ -491,7 +491,7 @@ def _piece_rows(n_query, query_rows):
     ``_PIECES`` pieces, so a long job is resumable at the price of reading the training
     set up to ``_PIECES`` times (the GEMM work is the same).
     """
-    return int(min(n_query, max(_PIECE_ROWS, min(query_rows, math.ceil(n_query / _PIECES)))))
+    return int(min(n_query, query_rows, max(_PIECE_ROWS, math.ceil(n_query / _PIECES))))
 
 
 def _absolute_rows(error, offset):
@@ -575,10 +575,19 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     n_pieces = math.ceil(n / rows)
     done = done_record(group, (n_pieces,))
     todo = pending_blocks(done)
+    qz = qsrc.X_zarr if isinstance(qsrc, Dataset) else None
+    if qz is not None:
+        import dask.array as da
+
+        qd = da.from_zarr(qz, chunks=(rows, qz.shape[1]))  # each piece: one block, read in its tasks
     for (piece,) in todo:
         a, b = piece * rows, min(n, (piece + 1) * rows)
         try:
-            dist, ind = kneighbors(qd[a:b], tsrc, k, memory_budget=memory_budget)
+            if n_pieces == 1:
+                dist, ind = kneighbors(qsrc, tsrc, k, memory_budget=memory_budget)
+            else:
+                dist, ind = kneighbors(qd[a:b], tsrc, k, memory_budget=memory_budget,
+                                       query_rows=b - a if qz is not None else None)
         except InputError as e:
             raise _absolute_rows(e, a) from None
         group["indices"][a:b] = ind
