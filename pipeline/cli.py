@@ -155,6 +155,15 @@ def build_parser():
     pr.add_argument("out", metavar="OUT")
     _common(pr)
 
+    r = sub.add_parser("run", help="run a YAML job file's steps in order (see README, Batch runs)")
+    r.add_argument("job", metavar="JOB.yaml")
+    r.add_argument("--check", action="store_true", help="check the job file only; run nothing")
+    r.add_argument("--memory-budget", metavar="SIZE", help="overrides the job file's memory_budget")
+    r.add_argument("--scheduler", metavar="threads|local|tcp://HOST:PORT",
+                   help="overrides the job file's scheduler")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+
     dm = sub.add_parser("demo", help="the main job, small, end to end")
     dm.add_argument("--dir", default="pipeline-demo", help="where the demo's stores go (default ./pipeline-demo)")
     dm.add_argument("--n-train", type=_positive_int, default=5000)
@@ -304,6 +313,16 @@ def _run_gmm(a):
     _print_summary(summary)
 
 
+def _run_job(a):
+    from .jobs import run_job
+
+    start = time.perf_counter()
+    run_job(a.job, memory_budget=a.memory_budget, scheduler=a.scheduler, progress=a.progress,
+            check_only=a.check, echo=_say)
+    if not a.check:
+        print(f"job done in {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+
+
 def _run_demo(a):
     from .demo import run_demo
 
@@ -312,7 +331,7 @@ def _run_demo(a):
 
 _HANDLERS = {"generate": _run_generate, "ingest": _run_ingest, "info": _run_info,
              "plan": _run_plan, "distances": _run_distances, "knn": _run_knn,
-             "gmm": _run_gmm, "demo": _run_demo}
+             "gmm": _run_gmm, "demo": _run_demo, "run": _run_job}
 
 
 def _peak_rss():
@@ -324,7 +343,7 @@ def main(argv=None) -> int:
     debug = os.environ.get("PIPELINE_DEBUG") == "1"
     try:
         args = build_parser().parse_args(argv)
-        runs_work = args.command not in ("info", "plan")
+        runs_work = args.command not in ("info", "plan", "run")  # run connects per its job file
         if getattr(args, "memory_budget", None) is not None:
             from .budget import parse_budget
 
