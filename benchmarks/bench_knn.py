@@ -249,8 +249,9 @@ def main(argv=None):
     return 0
 
 
-# ----------------------------------------------------------------- a tiny PNG plot
-# (matplotlib is not a dependency: a bar chart drawn with NumPy, a 5x7 pixel font and zlib)
+# ----------------------------------------------------------------- plots
+# matplotlib when installed (the "bench" extra); else a bar chart drawn with NumPy and zlib
+# (bars and numbers only).
 
 _FONT = {
     "0": "01110100011001110101110011000101110", "1": "00100011000010000100001000010001110",
@@ -276,6 +277,38 @@ def _text(img, x, y, s, color, scale=2):
 
 
 def _plot(out, path):
+    try:
+        import matplotlib
+    except ImportError:
+        return _plot_raw(out, path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["tool"] for r in rows]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"][:len(rows)]
+    ax1.bar(names, [r["median_s"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax1.text(i, r["median_s"], f"{r['median_s']:.2f} s", ha="center", va="bottom", fontsize=9)
+    ax1.set_ylabel("wall time, median (s), end to end from disk")
+    ax2.bar(names, [r["peak_rss_above_idle_bytes"] / 2**20 for r in rows], color=colors)
+    ax2.set_ylabel("peak RSS above idle (MiB)")
+    if out.get("budget"):
+        from pipeline.budget import parse_budget
+
+        ax2.axhline(parse_budget(out["budget"]) / 2**20, color="k", ls="--", lw=1, label=f"pipeline budget {out['budget']}")
+        ax2.legend(loc="upper left", fontsize=8)
+    s = out["shape"]
+    fig.suptitle(f"{out['case']}: {s['n_query']} x {s['n_train']} x {s['d']} {s['dtype']}"
+                 f"{', k=' + str(s['k']) if s['k'] else ''}; medians of {out['runs']} runs"
+                 f" (load avg {' '.join(out.get('loadavg_end', []))})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_raw(out, path):
     import struct
     import zlib
 

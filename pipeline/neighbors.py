@@ -6,18 +6,22 @@ Graph (no numerics here; the kernels are in :mod:`pipeline.kernels.topk`):
   shared key.  Both sets are centred on it before the GEMM, which keeps the float32
   expansion accurate for data far from the origin (distances are translation
   invariant, any shift near the data will do).
-* ``pipeline-knn-query``: one task per query block prepares it once (centred working
-  copy, float64 copy for the exact re-rank, row norms, a finiteness check).
-* ``pipeline-knn-topk``: one task per (query block, training block): reads its
-  training block, one GEMM, ``k + margin`` approximate candidates, exact float64
-  re-rank, the ``k`` best with global indices.  Zarr reads are fused into these tasks.
+* ``pipeline-knn-query``: one task per query block prepares it once (``-2 (x - s)`` in
+  the working dtype, a float64 copy for the exact re-rank, row norms, a finiteness
+  check).
+* ``pipeline-knn-topk``: one task per (query block, training block): reads its own
+  training rows from Zarr (no block is held between tasks or shared by the tasks of
+  several query blocks), one GEMM, ``k + margin`` approximate candidates, exact float64
+  re-rank, the ``k`` best with global indices and a lower bound on everything dropped.
 * ``pipeline-knn-merge``: a ``dask.array.reduction`` tree (chunk / combine / aggregate)
   merges the partial lists of each query block; ``merge_knn`` is associative and
   commutative, so ``split_every`` changes only the tree, not the result.
 
 The plan prefers one query block holding every query (the training set is read
-exactly once).  Queries the approximate stage could not certify (exact or near ties
-beyond the margin) are recomputed by a second, exact pass restricted to them.
+exactly once).  A query whose k-th exact distance is not strictly below the bound of
+what the approximate stage dropped (exact or near ties beyond the margin) is redone
+with a wide margin, then, if still uncertified, by exact differences against every
+training row: the answer is exact whatever the rounding of the GEMM.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from .kernels import topk as _topk
 __all__ = ["kneighbors", "KNeighborsClassifier", "write_knn"]
 
 _SPLIT_EVERY = 8  # tree width of the merge (budget._cost_knn counts these partials)
-_SHIFT_ROWS = 4096  # rows of the first training block averaged into the shift
 
 
 # ------------------------------------------------------------------------ validation
