@@ -467,8 +467,16 @@ def source_identity(X):
     A dataset written again gets a new stamp, so a result computed from the old one is
     not mistaken for (or resumed as) the same job.
     """
+    import hashlib
+
+    def stamp(url, attrs):
+        # Creation time (to the second) and everything else the store says about itself.
+        text = json.dumps({k: v for k, v in attrs.items() if k != "step"}, sort_keys=True, default=str)
+        return f"{url}@{attrs.get('finished') or attrs.get('created') or ''}:" \
+               f"{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
     if isinstance(X, Dataset):
-        return f"{X.url}@{X.attrs.get('created', '')}"
+        return stamp(X.url, X.attrs)
     if isinstance(X, (str, Path)):
         import zarr
 
@@ -476,7 +484,7 @@ def source_identity(X):
             attrs = dict(zarr.open_group(store=str(X), mode="r").attrs.get("pipeline", {}))
         except Exception:  # noqa: BLE001 - unreadable inputs are reported when opened
             attrs = {}
-        return f"{X}@{attrs.get('finished') or attrs.get('created') or ''}"
+        return stamp(str(X), attrs)
     return f"<{type(X).__name__} {getattr(X, 'shape', '')}>"
 
 
