@@ -14,6 +14,7 @@ Examples
 from .budget import Plan, parse_budget, plan
 from .distances import pairwise_distances
 from .errors import BudgetError, DataError, InputError, PipelineError
+from .jobs import run_job
 from .mixture import GaussianMixture, em_step
 from .neighbors import KNeighborsClassifier, kneighbors
 from .storage import (Dataset, ingest, make_blobs, make_cifar_like, open_dataset,
@@ -27,4 +28,5 @@ __all__ = [
     "pairwise_distances", "kneighbors", "KNeighborsClassifier",
     "GaussianMixture", "em_step",
     "PipelineError", "InputError", "BudgetError", "DataError",
+    "run_job",
 ]
