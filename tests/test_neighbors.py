@@ -289,3 +289,24 @@ def test_uncertified_rows_go_through_wide_then_exact_pass(monkeypatch):
     _check(X, Y, 4, train_rows=50, margin=0)
     assert calls[0] == (20, 0, False)
     assert len(calls) == 3 and calls[1][1] >= 32 and calls[2][2]  # wide margin, then exact
+
+
+def test_cli_knn_as_a_real_subprocess(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(11)
+    Y = rng.integers(0, 256, (300, 48), dtype=np.uint8)
+    tr, te = str(tmp_path / "tr.zarr"), str(tmp_path / "te.zarr")
+    pl.write_dataset(tr, Y, y=np.arange(300) % 3)
+    pl.write_dataset(te, Y[:40], y=np.arange(40) % 3)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "knn", te, tr, str(tmp_path / "o.zarr"), "--k", "1",
+                        "--memory-budget", "64MiB", "--no-progress"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy: 1.0" in r.stdout  # each query is its own nearest neighbour
+    r = subprocess.run([sys.executable, "-m", "pipeline", "knn", te, str(tmp_path / "missing.zarr"),
+                        str(tmp_path / "p.zarr"), "--no-progress"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
