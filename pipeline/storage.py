@@ -228,7 +228,7 @@ def check_chunks_present(arr, rows=None):
 
     Zarr reads a missing chunk as ``fill_value`` without a word; for stores written with
     every chunk stored, a missing key means a damaged store.  ``rows``: the row-chunk
-    indices to check (default all, listed at once; a few are checked one by one).
+    indices to check (default all).
     """
     import itertools
 
@@ -236,17 +236,16 @@ def check_chunks_present(arr, rows=None):
 
     prefix = f"{arr.path}/" if arr.path else ""
     rows = range(arr.cdata_shape[0]) if rows is None else rows
-    chunks = itertools.product(rows, *(range(n) for n in arr.cdata_shape[1:]))
-    if len(rows) > 4:
-        async def keys():
-            return {k async for k in arr.store.list_prefix(prefix)}
+    chunks = list(itertools.product(rows, *(range(n) for n in arr.cdata_shape[1:])))
+    keys = [prefix + arr.metadata.encode_chunk_key(idx) for idx in chunks]
 
-        present = sync(keys()).__contains__
-    else:
-        def present(key):
-            return sync(arr.store.exists(key))
-    for idx in chunks:
-        if not present(prefix + arr.metadata.encode_chunk_key(idx)):
+    async def exist():
+        import asyncio
+
+        return await asyncio.gather(*(arr.store.exists(k) for k in keys))  # one round trip
+
+    for idx, present in zip(chunks, sync(exist())):
+        if not present:
             raise DataError(f"{_chunk_where(arr, idx)} is missing; the store is damaged (a chunk "
                             "was deleted or never written): write it again or restore it from a copy")
 
