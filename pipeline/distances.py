@@ -255,8 +255,8 @@ def write_distances(query, train, out, *, metric="euclidean", memory_budget=None
     {'shape': '10000 x 50000', 'dtype': 'float32', 'blocks': 40, 'output': 'D.zarr'}
     """
     compute = _compute
-    from .storage import (job_fingerprint, mark_complete, open_result_for_write, source_identity,
-                          write_blocks)
+    from .storage import (job_fingerprint, mark_complete, open_result_for_write, release_lock,
+                          source_identity, write_blocks)
 
     # Validation and the plan come first: bad input fails before anything is written.
     D = pairwise_distances(query, train, metric=metric, memory_budget=memory_budget, precision=precision)
@@ -277,7 +277,11 @@ def write_distances(query, train, out, *, metric="euclidean", memory_budget=None
                                     config={"write_empty_chunks": True})
     writes, written, kept = write_blocks(group, [(D, target)], "distances-write")
     if writes is not None:
-        compute(writes, label="distances")
+        try:
+            compute(writes, label="distances")
+        except BaseException:
+            release_lock(str(out))  # left incomplete: any process may resume it now
+            raise
     mark_complete(group, metric=metric, precision=precision, n_query=int(D.shape[0]), n_train=int(D.shape[1]))
     return {"status": "complete" if not kept else "complete (resumed)",
             "shape": f"{D.shape[0]} x {D.shape[1]}", "dtype": str(D.dtype),

@@ -803,7 +803,7 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     import zarr
 
     from .storage import (_exists, _test_pause, _url, acquire_lock, job_fingerprint, mark_complete,
-                          open_result_for_write)
+                          open_result_for_write, release_lock)
 
     t0 = time.perf_counter()
     model_url = _url(model_url)
@@ -861,7 +861,11 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the summary instead
-        gm._fit(data, callback=save, state=state)
+        try:
+            gm._fit(data, callback=save, state=state)
+        except BaseException:
+            release_lock(model_url)  # the saved iterations stay: any process may resume them
+            raise
     final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
              "precisions_cholesky": gm.precisions_cholesky_}
     _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job)
@@ -965,7 +969,8 @@ def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=Fals
     >>> predict_to_store("memory://doc/gmm-m3", "memory://doc/gmm-d3", "memory://doc/gmm-p3")["n_samples"]
     200
     """
-    from .storage import job_fingerprint, mark_complete, open_result_for_write, source_identity, write_blocks
+    from .storage import (job_fingerprint, mark_complete, open_result_for_write, release_lock, source_identity,
+                          write_blocks)
 
     t0 = time.perf_counter()
     gm = load_model(model_url, memory_budget=memory_budget)
@@ -987,7 +992,11 @@ def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=Fals
         pairs.append((arr, target))
     writes, written, kept = write_blocks(group, pairs, "gmm-predict-write")
     if writes is not None:
-        _compute(writes, label="predicting")
+        try:
+            _compute(writes, label="predicting")
+        except BaseException:
+            release_lock(str(out))  # left incomplete: any process may resume it now
+            raise
     total = float(np.sum(group["log_likelihood"][...]))  # 8 bytes a row, read back: resumes too
     n = wlp.shape[0]
     mark_complete(group, n_samples=int(n), mean_log_likelihood=float(total) / n, model=str(model_url))

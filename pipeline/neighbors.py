@@ -536,7 +536,8 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     from .budget import plan
     from .cluster import dask_threads
     from .storage import (Dataset, _test_pause, as_array, done_record, job_fingerprint, mark_complete,
-                          open_dataset, open_result_for_write, pending_blocks, source_identity)
+                          open_dataset, open_result_for_write, pending_blocks, release_lock,
+                          source_identity)
 
     if weights not in ("uniform", "distance"):
         raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
@@ -592,7 +593,11 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
                 dist, ind = kneighbors(qd[a:b], tsrc, k, memory_budget=memory_budget,
                                        query_rows=b - a if qz is not None else None)
         except InputError as e:
+            release_lock(str(out))  # left incomplete: any process may resume it now
             raise _absolute_rows(e, a) from None
+        except BaseException:
+            release_lock(str(out))
+            raise
         group["indices"][a:b] = ind
         group["distances"][a:b] = dist
         if classes is not None:
