@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -102,9 +103,10 @@ def test_every_task_key_is_a_pipeline_stage_or_a_named_dask_internal(op, data, t
     assert keys.prefixes, "nothing ran on the threaded scheduler"
     foreign = {p for p in keys.prefixes if not _named(p)}
     assert not foreign, f"task keys without a pipeline-<op>-<stage> prefix: {sorted(foreign)}"
-    # The heavy stages are there, by name (possibly fused with the next stage's name).
+    # The heavy stages are there, by name (possibly fused with their neighbours' names:
+    # dask fuses a block task into its consumer and joins the names).
     for stage in stages:
-        assert any(p == stage or p.startswith(stage + "-") for p in keys.prefixes), (stage, sorted(keys.prefixes))
+        assert any(stage in p for p in keys.prefixes), (stage, sorted(keys.prefixes))
 
 
 # ------------------------------------------------------------------ real scheduler
@@ -112,9 +114,9 @@ def test_every_task_key_is_a_pipeline_stage_or_a_named_dask_internal(op, data, t
 _METRIC = re.compile(r'^dask_scheduler_prefix_state_totals(?:_total)?\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 
 
-def _scrape(port):
+def _scrape(port, timeout=60):
     """{task prefix: total tasks in any state} from the scheduler's Prometheus /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
         text = r.read().decode()
     totals = collections.Counter()
     for line in text.splitlines():
@@ -126,7 +128,7 @@ def _scrape(port):
 
 
 def _knn_totals(totals):
-    return sum(v for k, v in totals.items() if k.startswith("pipeline-knn-topk"))
+    return sum(v for k, v in totals.items() if k.startswith("pipeline-knn-"))
 
 
 def test_prometheus_metrics_show_pipeline_task_prefixes_during_a_run(data, tmp_path, dask_cluster):
@@ -143,7 +145,10 @@ def test_prometheus_metrics_show_pipeline_task_prefixes_during_a_run(data, tmp_p
     job.start()
     during = []
     while job.is_alive():
-        _, totals = _scrape(port)
+        try:
+            _, totals = _scrape(port, timeout=10)
+        except (TimeoutError, urllib.error.URLError):  # a loaded machine: try again
+            continue
         during.append(_knn_totals(totals))
         time.sleep(0.02)
     job.join()
@@ -153,7 +158,7 @@ def test_prometheus_metrics_show_pipeline_task_prefixes_during_a_run(data, tmp_p
     # Seen while the job was still running, not only afterwards.
     assert any(n > _knn_totals(before) for n in during), (during, _knn_totals(before))
     seen = {k for k in after if k.startswith("pipeline-")}
-    assert any(k.startswith("pipeline-knn-merge") for k in seen), sorted(seen)
+    assert any("pipeline-knn-topk" in k for k in seen) and any("pipeline-knn-merge" in k for k in seen), sorted(seen)
 
 
 def test_report_is_written_and_names_pipeline_tasks(data, tmp_path, dask_cluster):
@@ -203,16 +208,22 @@ def test_local_scheduler_prints_the_dashboard_and_keeps_it_up_while_the_job_runs
         m = re.fullmatch(r"dashboard: (http://127\.0\.0\.1:(\d+))/status\n", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         base, port = m[1], int(m[2])
-        statuses, seen = [], set()
+        statuses, seen, polls = [], set(), 0
         while proc.poll() is None:
             try:
-                with urllib.request.urlopen(base + "/status", timeout=5) as r:
-                    statuses.append(r.status)
-                _, totals = _scrape(port)
+                if polls % 10 == 0:
+                    with urllib.request.urlopen(base + "/status", timeout=30) as r:
+                        statuses.append(r.status)
+                _, totals = _scrape(port, timeout=30)
                 seen |= {k for k in totals if k.startswith("pipeline-")}
-            except OSError:
-                # Refused: the cluster is closing, which it does only once the job is done.
-                break
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, ConnectionRefusedError):
+                    break  # the cluster is closing, which it does only once the job is done
+                if not isinstance(e.reason, TimeoutError):
+                    raise
+            except (TimeoutError, ConnectionResetError):
+                pass  # a loaded machine: try again
+            polls += 1
             time.sleep(0.05)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
