@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 
-from .errors import InputError
+from .errors import InputError, PipelineError
 
 __all__ = ["load_job", "run_job", "STEPS"]
 
@@ -389,7 +389,10 @@ def run_job(path, *, memory_budget=None, scheduler=None, progress=None, check_on
             out = opts.get("out") or opts.get("model")
             echo(f"step {i + 1}/{len(job.steps)}: {name} -> {out}")
             t0 = time.perf_counter()
-            summary = dict(_run_step(name, opts, settings["memory_budget"], echo))
+            try:
+                summary = dict(_run_step(name, opts, settings["memory_budget"], echo))
+            except PipelineError as e:  # the same error, saying which step met it
+                raise type(e)(f"{job.path}: steps[{i}] ({name}): {e}") from None
             status = str(summary.get("status", ""))
             if status.startswith("already complete"):
                 summary["status"] = "skipped: already complete for the same parameters"

@@ -167,3 +167,14 @@ def test_existing_outputs_skip_resume_or_refuse(tmp_path, capsys):
     assert _meta(tmp_path / "a.zarr")["complete"]
     assert code == 0 or (code == 2 and "k.zarr' already exists and holds another result" in err)
     assert (tmp_path / "k.zarr" / "zarr.json").stat().st_mtime_ns == knn_before
+
+
+def test_a_step_that_fails_while_running_is_named(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((50, 3))
+    X[7] = np.nan
+    pl.write_dataset(tmp_path / "nan.zarr", X)
+    job = _write(tmp_path, {"steps": [GOOD[0], {"knn": {"query": "nan.zarr", "train": "a.zarr", "out": "k.zarr"}}]})
+    code, out, err = run(capsys, "run", job)
+    assert code == 2 and "steps[0]" not in err, err
+    assert f"{job}: steps[1] (knn): QUERY has NaN or infinite values" in err and "row(s) 7" in err, err
+    assert _meta(tmp_path / "a.zarr")["complete"] and not _meta(tmp_path / "k.zarr")["complete"]
