@@ -138,7 +138,11 @@ def compute(*collections, label=None, **kwargs):
     threads = dask_threads()
     ctx = contextlib.ExitStack()
     ctx.enter_context(_blas_limited(blas_threads_for(threads)))
-    ctx.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
+    # The threaded scheduler named by its function: the name "threads" makes dask
+    # import distributed (about a second) to look for a client first.
+    import dask.threaded
+
+    ctx.enter_context(dask.config.set(scheduler=dask.threaded.get, num_workers=threads))
     if _progress_enabled():
         from dask.diagnostics import ProgressBar
 
@@ -206,7 +210,9 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
     try:
         if scheduler == "threads":
             n = threads_per_worker or workers or None
-            cfg = {"scheduler": "threads"}
+            import dask.threaded
+
+            cfg = {"scheduler": dask.threaded.get}
             if n:
                 cfg["num_workers"] = int(n)
             with dask.config.set(cfg):

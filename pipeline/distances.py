@@ -103,26 +103,6 @@ def _shift(Yd, src, prefix):
                             token=f"{prefix}-shift")[0]
 
 
-def _compute(*collections, label=None):
-    """:func:`pipeline.cluster.compute`, naming the threaded scheduler by its function.
-
-    Without a cluster in use, dask resolves a scheduler *name* by importing
-    ``distributed`` to look for a client (about a second of CPU); the function
-    itself needs no lookup.  With ``distributed`` imported, the lookup is free and
-    the client (if any) is used as usual.
-    """
-    import sys
-
-    from . import cluster
-
-    kw = {}
-    if "distributed" not in sys.modules:
-        import dask.threaded
-
-        kw["scheduler"] = dask.threaded.get
-    return cluster.compute(*collections, label=label, **kw)
-
-
 def _open_source(X):
     """A dataset URL or path opened once (a Dataset); anything else as given."""
     from pathlib import Path
@@ -254,7 +234,7 @@ def write_distances(query, train, out, *, metric="euclidean", memory_budget=None
     >>> pl.distances.write_distances("test.zarr", "train.zarr", "D.zarr")  # doctest: +SKIP
     {'shape': '10000 x 50000', 'dtype': 'float32', 'blocks': 40, 'output': 'D.zarr'}
     """
-    compute = _compute
+    from .cluster import compute
     from .storage import (job_fingerprint, mark_complete, open_result_for_write, release_lock,
                           source_identity, write_blocks)
 

@@ -321,7 +321,7 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
 
 def _kneighbors(Xd, Yd, k, margin, split_every, store):
     """Squared exact distances and indices: the main pass, then the fallbacks."""
-    from .distances import _compute as compute
+    from .cluster import compute
 
     (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store),
                      label="k-NN")
