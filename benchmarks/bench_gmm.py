@@ -263,7 +263,7 @@ def _plot(results, path):
         ax.set_xticklabels(labels)
         ax.set_title(title)
         ax.legend()
-    fig.suptitle("Full-covariance GMM, K=16, 10 iterations from the same start, from disk")
+    fig.suptitle("Full-covariance GMM, K=16, same start, from disk (G1: 10 iterations, G2: 3)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
