@@ -447,7 +447,7 @@ def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4)
                 {"n_query": n_q, "n_train": n_t, "n_features": d, "k": k, "itemsize": itemsize})
 
 
-def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8):
+def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8, chunk_rows=None):
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
 
     def cost(rows, group):
@@ -466,6 +466,8 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     rows = _largest(lambda r: peak(r, group) <= budget, 1, n)
     # Enough blocks to keep every thread busy and the tree shallow.
     rows = min(rows, max(target, math.ceil(n / (4 * threads))))
+    # Whole stored chunks per block: a block straddling chunks decodes up to two more.
+    rows = _align(rows, chunk_rows, n)
     n_groups = math.ceil(K / group)
     params = {"rows": rows, "component_group": group, "component_groups": n_groups,
               "passes": 1 if n_groups == 1 else 2 * n_groups}

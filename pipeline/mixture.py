@@ -46,11 +46,15 @@ class ConvergenceWarning(UserWarning):
 
 # ---------------------------------------------------------------------------- graphs
 
-def _plan(X, n_components, memory_budget):
+def _plan(X, n_components, memory_budget, source=None):
+    """The plan for X (a dask array); ``source``, the user's input, tells the stored chunks."""
     from .budget import plan
+    from .storage import zarr_source
 
+    z = zarr_source(source) if source is not None and not hasattr(source, "dask") else None
     return plan("gmm", n_samples=X.shape[0], n_features=X.shape[1], n_components=n_components,
-                itemsize=X.dtype.itemsize, memory_budget=memory_budget)
+                itemsize=X.dtype.itemsize, memory_budget=memory_budget,
+                chunk_rows=z.chunks[0] if z is not None else None)
 
 
 def _as_dask(X, rows=None):
@@ -223,14 +227,14 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
     >>> s["N"], s["n"]
     (array([100.]), 100)
     """
-    X = _as_dask(X)
+    source, X = X, _as_dask(X)
     weights = np.asarray(weights, dtype=np.float64)
     means = np.asarray(means, dtype=np.float64)
     precisions_cholesky = np.asarray(precisions_cholesky, dtype=np.float64)
     shift = means if shift is None else np.asarray(shift, dtype=np.float64)
     if plan is None:
-        plan = _plan(X, len(weights), memory_budget)
-    X = _as_dask(X, rows=plan["rows"])
+        plan = _plan(X, len(weights), memory_budget, source=source)
+    X = _as_dask(source, rows=plan["rows"])
     split_every = split_every or _SPLIT_EVERY
     if plan["component_groups"] > 1:
         return _em_step_grouped(X, weights, means, precisions_cholesky, shift,
@@ -571,7 +575,7 @@ class GaussianMixture:
         """Run EM; ``state`` resumes (params, n_iter, lower_bound, history)."""
         X0 = _as_dask(X)
         w, m, pc = self._validate(X0)
-        plan = _plan(X0, self.n_components, self.memory_budget)
+        plan = _plan(X0, self.n_components, self.memory_budget, source=X)
         X = _as_dask(X, rows=plan["rows"])
         self.plan_ = plan
         if state is None:
@@ -674,7 +678,7 @@ class GaussianMixture:
         if Xd.shape[1] != self.means_.shape[1]:
             raise InputError(f"X has {Xd.shape[1]} features but the model was fitted with "
                              f"{self.means_.shape[1]}")
-        plan = _plan(Xd, self.n_components, self.memory_budget)
+        plan = _plan(Xd, self.n_components, self.memory_budget, source=X)
         Xd = _as_dask(X, rows=plan["rows"])
         prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_)
         shared = dask.delayed(prepared, traverse=False)
@@ -816,7 +820,7 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     # Bad input and impossible budgets fail before anything is written at model_url.
     X0 = _as_dask(data)
     gm._validate(X0)
-    _plan(X0, n_components, memory_budget)
+    _plan(X0, n_components, memory_budget, source=data)
     state = None
     group = None
     acquire_lock(model_url)  # another job fitting into model_url: refuse before touching it
