@@ -177,6 +177,44 @@ def measure(jobs, runs, data):
     return out
 
 
+def measure_compute(jobs, runs, data):
+    """The same jobs through the API from one long-lived client: compute only, no CLI
+    start-up, no dataset opening or result writing (alternating, median of ``runs``)."""
+    import pipeline as pl
+    from pipeline import cluster as _cluster
+
+    _prepare(data)
+    clusters = {"1 worker": Cluster(1), "2 workers": Cluster(2)}
+    j, g = JOBS["knn"], JOBS["gmm"]
+    work = {
+        "knn": lambda: pl.kneighbors(str(data / "test.zarr"), str(data / "train.zarr"), j["k"],
+                                     memory_budget=j["budget"]),
+        "gmm": lambda: pl.GaussianMixture(g["K"], max_iter=g["iters"], tol=0, init_params="random_from_data",
+                                          random_state=0, memory_budget=g["budget"]).fit(str(data / "tall.zarr")),
+    }
+    walls = {job: {c: [] for c in clusters} for job in jobs}
+    try:
+        for rnd in range(runs + 1):
+            for job in jobs:
+                for c, cl in clusters.items():
+                    with _cluster.connect(cl.address, echo=lambda *_: None):
+                        t0 = time.perf_counter()
+                        work[job]()
+                        wall = time.perf_counter() - t0
+                    print(f"  {'warm-up' if rnd == 0 else f'run {rnd}':8s} {job:4s} {c:12s} {wall:7.2f} s (compute)",
+                          flush=True)
+                    if rnd:
+                        walls[job][c].append(wall)
+    finally:
+        for cl in clusters.values():
+            cl.close()
+    out = {}
+    for job in jobs:
+        out[job] = {c: {"median_s": statistics.median(v), "runs_s": v} for c, v in walls[job].items()}
+        out[job]["2 workers"]["speedup_vs_1_worker"] = out[job]["1 worker"]["median_s"] / out[job]["2 workers"]["median_s"]
+    return out
+
+
 # ------------------------------------------------------------------ on paper
 
 def _gib(b):
@@ -331,9 +369,23 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--data-dir", default=os.environ.get("PIPELINE_BENCH_DATA", "/tmp/pipeline-bench-scaling"))
     ap.add_argument("--paper-only", action="store_true", help="only the figures on paper")
+    ap.add_argument("--compute-only", action="store_true",
+                    help="time the jobs through the API from one client (no CLI start-up or I/O of results)")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"machine": {"cores": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    if a.compute_only:
+        jobs = [j for j in a.jobs.split(",") if j]
+        measured = measure_compute(jobs, a.runs, Path(a.data_dir))
+        result["compute_only"] = measured
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        for job in jobs:
+            row = measured[job]
+            print(f"  {job}: " + ", ".join(f"{c} {row[c]['median_s']:.2f} s" for c in row)
+                  + f"; 2 workers vs 1: x{row['2 workers']['speedup_vs_1_worker']:.2f}")
+        (RESULTS / "scaling-compute.json").write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {RESULTS / 'scaling-compute.json'}")
+        return
     if not a.paper_only:
         jobs = [j for j in a.jobs.split(",") if j]
         print(f"measuring {jobs} on threads, 1 worker, 2 workers (1 thread each, pinned); {a.runs} runs + warm-up")
