@@ -23,7 +23,6 @@ per-row log-sum-exp over all groups, then each group's statistics.
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .estimator import BaseEstimator
 from .kernels import gaussian as _g
 from .kernels import kmeans as _km
 
@@ -428,7 +428,7 @@ def _check_random_state(seed):
 
 # ---------------------------------------------------------------------- estimator
 
-class GaussianMixture:
+class GaussianMixture(BaseEstimator):
     """Full-covariance Gaussian mixture fitted by EM, out of core.
 
     scikit-learn's :class:`sklearn.mixture.GaussianMixture` with
@@ -491,32 +491,6 @@ class GaussianMixture:
         self.warm_start = warm_start
         self.verbose = verbose
         self.memory_budget = memory_budget
-
-    # scikit-learn's estimator protocol, without depending on scikit-learn.
-    @classmethod
-    def _get_param_names(cls):
-        sig = inspect.signature(cls.__init__)
-        return sorted(p for p in sig.parameters if p != "self")
-
-    def get_params(self, deep=True):
-        """Constructor parameters as a dict (scikit-learn protocol)."""
-        return {name: getattr(self, name) for name in self._get_param_names()}
-
-    def set_params(self, **params):
-        """Set constructor parameters (scikit-learn protocol); returns self."""
-        valid = self._get_param_names()
-        for key, value in params.items():
-            if key not in valid:
-                raise InputError(f"invalid parameter {key!r} for GaussianMixture; valid: {valid}")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self):
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
-                    if p.name != "self"}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
-                   if not (isinstance(v, np.ndarray) or v is None and defaults[k] is None) and v != defaults[k]]
-        return f"GaussianMixture({', '.join(changed)})"
 
     # ---------------------------------------------------------------- validation
     def _validate(self, X):

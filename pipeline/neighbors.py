@@ -32,6 +32,7 @@ import numpy as np
 
 from .distances import _align, _read, _shift, _source_key, _store
 from .errors import InputError
+from .estimator import BaseEstimator
 from .kernels import topk as _topk
 
 __all__ = ["kneighbors", "KNeighborsClassifier", "write_knn"]
@@ -349,7 +350,7 @@ def _kneighbors(Xd, Yd, k, margin, split_every, store):
 
 # ------------------------------------------------------------------------ classifier
 
-class KNeighborsClassifier:
+class KNeighborsClassifier(BaseEstimator):
     """k-nearest-neighbours vote, exact and out of core, with scikit-learn's API.
 
     ``fit`` only keeps a reference to the training set (an array, a dask or Zarr
@@ -383,28 +384,6 @@ class KNeighborsClassifier:
         self.n_neighbors = n_neighbors
         self.weights = weights
         self.memory_budget = memory_budget
-
-    # scikit-learn conventions, without depending on it
-    @classmethod
-    def _get_param_names(cls):
-        return ["memory_budget", "n_neighbors", "weights"]
-
-    def get_params(self, deep=True):
-        """Parameters of this estimator (scikit-learn convention)."""
-        return {name: getattr(self, name) for name in self._get_param_names()}
-
-    def set_params(self, **params):
-        """Set parameters (scikit-learn convention); returns self."""
-        valid = self._get_param_names()
-        for key, value in params.items():
-            if key not in valid:
-                raise InputError(f"invalid parameter {key!r} for KNeighborsClassifier; valid: {', '.join(valid)}")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"KNeighborsClassifier({args})"
 
     def _validate_params(self):
         if self.weights not in ("uniform", "distance"):
