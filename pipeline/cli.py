@@ -380,6 +380,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`pipeline plan ... | head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except PipelineError as e:
         if debug:
             raise
