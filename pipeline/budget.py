@@ -232,26 +232,25 @@ def _align(rows, chunk_rows, n):
 def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast,
                     x_chunk_rows=None, y_chunk_rows=None, x_compressed=True, y_compressed=True,
                     n_blocks=1):
-    # Mirrors pipeline.distances._block: each task reads both blocks (stored dtype),
-    # centres them into working copies, and writes one GEMM output block.
+    # Mirrors pipeline.distances._block: a task centres its query block (held by dask
+    # for the other tasks of its row) and the training block it read itself, frees
+    # that read, then writes one GEMM output block.
     d = n_features
     w = 8 if upcast else max(itemsize, 4)
     conv = itemsize != w
+    read_t = _read_cost(bt, y_chunk_rows, d * itemsize, y_compressed)
     items = [
         CostItem("query block as read", _read_cost(bq, x_chunk_rows, d * itemsize, x_compressed), threads,
-                 "stored dtype (+ a compressed chunk if the block is smaller)"),
-        CostItem("train block as read", _read_cost(bt, y_chunk_rows, d * itemsize, y_compressed), threads,
-                 "stored dtype (+ a compressed chunk if the block is smaller)"),
-        CostItem("query block centred", bq * d * w, threads, "converted, working dtype" if conv else "working dtype"),
-        CostItem("train block centred", bt * d * w, threads, "converted, working dtype" if conv else "working dtype"),
-        CostItem("GEMM output block", bq * bt * w, threads, "-2xy^T + norms, in place"),
+                 "stored dtype, shared by its row's tasks"),
+        CostItem("blocks centred", (bq + bt) * d * w, threads, "converted, working dtype" if conv else "working dtype"),
+        CostItem("train block as read, or GEMM output", max(read_t, bq * bt * w), threads,
+                 "the read is freed before the GEMM allocates"),
     ]
     if out_itemsize != w:
         items.append(CostItem("output cast", bq * bt * out_itemsize, threads, "to the output dtype"))
-    # Writing copies the block into the chunk's bytes (uncompressed); the copy is brief
-    # next to the GEMM, so the threads rarely hold one each (measured).
+    # The output chunk is written uncompressed, straight from the block (measured: no
+    # encoded copy shows in the peak).
     items += [
-        CostItem("output chunk as encoded", bq * bt * out_itemsize, 1, "brief: one at a time"),
         CostItem("graph", 3 * n_blocks * TASK_OVERHEAD, 1, "dask's bookkeeping, 3 tasks a block"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]

@@ -25,10 +25,12 @@ _PRECISIONS = ("auto", "exact")
 
 def _block(x, y, shift, start_x, start_y, *, metric, upcast):
     """Task: the distances between one query block and one training block."""
-    x, y, shift = x[0], y[0], shift[0]
+    x, shift = x[0], shift[0]
+    y = y.pop()  # this task's own reference: the block read is freed once centred
     dtype = _kd.working_dtype(np.result_type(x.dtype, y.dtype), upcast)
     xc = _kd.as_block(x, dtype, shift)
     yc = _kd.as_block(y, dtype, shift)
+    del y
     xn, yn = _kd.row_norms_sq(xc), _kd.row_norms_sq(yc)
     for norms, start, what in ((xn, start_x, "X (the query set)"), (yn, start_y, "Y (the training set)")):
         bad = np.flatnonzero(~np.isfinite(norms))
