@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 import pipeline as pl
-from conftest import ROOT, _wait_for
+from conftest import RealCluster, ROOT, _wait_for
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -109,16 +108,7 @@ class TLSCluster:
     def cli_tls(self):
         return ["--tls-ca-file", self.ca, "--tls-cert", self.client_cert, "--tls-key", self.client_key]
 
-    def close(self):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    close = RealCluster.close  # same processes and directory to tidy
 
 
 def pl_security(ca, cert, key):
