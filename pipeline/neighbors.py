@@ -172,7 +172,9 @@ def _exact_part(queries, train, start, *, k):
 
 
 def _part_from_store(queries, rows, shift, src, *, k, margin):
-    return _part(queries, [_read(src, rows)], rows, shift, k=k, margin=margin)
+    # The task's private read goes into the thread's reused buffer; knn_block returns
+    # only its own small arrays.
+    return _part(queries, [_read(src, rows, _work())], rows, shift, k=k, margin=margin)
 
 
 def _exact_part_from_store(queries, rows, src, *, k):
