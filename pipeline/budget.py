@@ -299,6 +299,7 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     if itemsize != 8:
         items.append(CostItem("X as float64", inner * d * 8, threads, "converted per slice"))
     items += [
+        CostItem("[X 1] slice", inner * (d + 1) * 8, threads, "the GEMM's operand: it subtracts mu_k P_k too"),
         CostItem("X @ [P_1..P_g] slice", inner * gemm * d * 8, threads,
                  f"{inner} rows x {gemm} components per GEMM"),
         CostItem("log-probabilities, responsibilities", 3 * (rows * group if grouped else inner * K) * 8,

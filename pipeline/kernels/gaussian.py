@@ -228,7 +228,7 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
     >>> import numpy as np
     >>> p = prepare_parameters(np.ones(2) / 2, np.zeros((2, 3)), np.array([np.eye(3)] * 2))
     >>> p["groups"][0]["pcat"].shape
-    (3, 6)
+    (4, 6)
     """
     weights = np.asarray(weights, dtype=np.float64)
     means = np.ascontiguousarray(means, dtype=np.float64)
@@ -236,10 +236,13 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
     K, d = means.shape
     groups = []
     for a, b in _group_bounds(K, component_group, d):
-        # pcat[:, j*d:(j+1)*d] = P_{a+j}: X @ pcat computes every X @ P_k of the group.
-        pcat = np.ascontiguousarray(P[a:b].transpose(1, 0, 2).reshape(d, (b - a) * d))
-        mup = np.einsum("kd,kde->ke", means[a:b], P[a:b]).reshape(-1)
-        groups.append({"start": a, "stop": b, "pcat": pcat, "mup": mup})
+        # pcat[:d, j*d:(j+1)*d] = P_{a+j} and pcat[d] = -mu P for every component:
+        # [X 1] @ pcat computes every X P_k - mu_k P_k of the group in one GEMM (the
+        # subtraction rides in the GEMM instead of a pass over its output).
+        pcat = np.empty((d + 1, (b - a) * d))
+        pcat[:d] = P[a:b].transpose(1, 0, 2).reshape(d, (b - a) * d)
+        pcat[d] = -np.einsum("kd,kde->ke", means[a:b], P[a:b]).reshape(-1)
+        groups.append({"start": a, "stop": b, "pcat": pcat})
     with np.errstate(divide="ignore"):
         log_weights = np.log(weights)
     return {
@@ -272,15 +275,18 @@ def _log_gaussian_prob_prepared(X, prepared, out=None, buf=None):
     step = min(n, inner_rows(d))
     if buf is None or buf.shape[0] < step:
         buf = _gemm_buffer(prepared, step)
+    # The slice with a column of ones: its GEMM with pcat subtracts mu_k P_k too.
+    xa = np.empty((step, d + 1))
+    xa[:, d] = 1.0
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         m = r1 - r0
+        xa[:m, :d] = X[r0:r1]
         for g in prepared["groups"]:
             a, b = g["start"], g["stop"]
             y = buf[:m, : (b - a) * d]
-            np.matmul(X[r0:r1], g["pcat"], out=y)
-            # y_k = X P_k - mu_k P_k, in scikit-learn's order of operations.
-            y -= g["mup"]
+            # y_k = X P_k - mu_k P_k, scikit-learn's expression.
+            np.matmul(xa[:m], g["pcat"], out=y)
             y3 = y.reshape(m, b - a, d)
             # Squared norm of each y_k without another (rows, g*d) temporary.
             out[r0:r1, a:b] = np.einsum("ikd,ikd->ik", y3, y3)
@@ -293,8 +299,9 @@ def estimate_log_gaussian_prob(X, means, precisions_cholesky, *, component_group
     """Log-density of each row under each Gaussian component.
 
     Same values as scikit-learn's ``_estimate_log_gaussian_prob(..., "full")``, but
-    the per-component products ``X @ P_k`` are batched into one GEMM per component
-    group, ``X @ [P_1 ... P_g]`` of shape (d, g*d).
+    the per-component products ``X @ P_k - mu_k @ P_k`` are batched into one GEMM per
+    component group, ``[X 1] @ [P_1 ... P_g; -mu_1 P_1 ... -mu_g P_g]`` of shape
+    (d + 1, g*d).
 
     Parameters
     ----------
@@ -367,6 +374,22 @@ def logsumexp_rows(a):
     tmp = np.exp(a - amax[:, None])
     with np.errstate(divide="ignore"):
         return np.log(tmp.sum(axis=1)) + amax
+
+
+def _normalise_rows(logp):
+    """Turn log-probabilities into responsibilities in place; return their log-sum-exp.
+
+    ``exp(a - lse) = exp(a - max) / sum(exp(a - max))``: one exponential pass instead
+    of logsumexp's and then the responsibilities' (equal to rounding).
+    """
+    amax = logp.max(axis=1)
+    amax[~np.isfinite(amax)] = 0.0  # all -inf rows: lse -inf and NaN r, as scipy's
+    logp -= amax[:, None]
+    np.exp(logp, out=logp)
+    total = logp.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp /= total[:, None]
+        return np.log(total) + amax
 
 
 def resp_block_stats(X, resp, shift, out=None, *, buf=None):
@@ -485,9 +508,7 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
     for r0 in range(0, n, step):
         Xs = _as_float64(X[r0:r0 + step])
         logp = weighted_log_prob(Xs, prepared, buf=gemm_buf)
-        lse = logsumexp_rows(logp)
-        logp -= lse[:, None]
-        np.exp(logp, out=logp)
+        lse = _normalise_rows(logp)
         stats = resp_block_stats(Xs, logp, prepared["shift"], out=stats, buf=rows_buf)
         stats["log_likelihood"] += float(lse.sum())
     return stats
