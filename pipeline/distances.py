@@ -58,13 +58,11 @@ def _read(src, rows, work=None):
     """
     start, stop = int(rows[0]), int(rows[-1]) + 1
     if work is not None:
-        from zarr.core.buffer.cpu import NDBuffer
-
         from .kernels.topk import _scratch
+        from .storage import read_rows_into
 
         buf = _scratch(work, "read", (stop - start,) + tuple(src.shape[1:]), src.dtype)
-        src.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(buf))
-        return buf
+        return read_rows_into(src, start, stop, buf)
     return np.ascontiguousarray(src[start:stop])
 
 

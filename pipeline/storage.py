@@ -223,6 +223,26 @@ def _decode_error(arr, selection, exc):
                      f"({type(exc).__name__}: {exc}); the store may be damaged")
 
 
+def read_rows_into(arr, start, stop, out):
+    """``arr[start:stop]`` decoded into ``out`` (a buffer the caller reuses).
+
+    The same checks as reading a checked array: a missing chunk (strict arrays) or
+    one that fails to decode raises DataError naming it.
+    """
+    from zarr.core.buffer.cpu import NDBuffer
+
+    selection = slice(start, stop)
+    if getattr(arr, "_strict", False):
+        check_chunks_present(arr, rows=_selected_chunks(arr, selection))
+    try:
+        arr.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decode failure means damaged data
+        raise _decode_error(arr, selection, e) from None
+    return out
+
+
 def check_chunks_present(arr, rows=None):
     """Raise DataError naming the first chunk of ``arr`` whose key is missing from its store.
 
