@@ -282,11 +282,16 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     d, K = n_features, n_components
     grouped = group < K
     # The kernels work on slices of `inner` rows (kernels.gaussian.inner_rows) and
-    # batch `gemm` components per E-step GEMM (kernels.gaussian.gemm_group), so the
-    # GEMM output stays near 32 MiB; a group's pass (grouped plans) keeps its
-    # responsibilities for the whole block.
-    inner = min(rows, max(64, min(2048, 2**25 // (8 * d))))
-    gemm = max(1, min(group, 2**25 // (max(64, min(2048, 2**25 // (8 * d))) * d * 8)))
+    # batch `gemm` components per E-step GEMM (kernels.gaussian.gemm_group); a
+    # group's pass (grouped plans) keeps its responsibilities for the whole block.
+    from .kernels import gaussian as _g
+
+    inner = min(rows, _g.inner_rows(d))
+    gemm = min(group, _g.gemm_group(K, d))
+    # The fused pass's pruned E-step (kernels.gaussian._pruned_log_prob) works on
+    # slices PRUNE_SLICE times larger, with its own buffers.
+    prune = not grouped and K > 1 and d <= _g.PRUNE_MAX_FEATURES
+    big = min(rows, _g.PRUNE_SLICE * inner) if prune else inner
     full, grp = K * d * d * 8, group * d * d * 8
     # The driver holds theta_t's factors and covariances plus the concatenated factors
     # shared with the tasks (one key); at the M-step, the summed scatter and
@@ -302,10 +307,13 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
         CostItem("[X 1] slice", inner * (d + 1) * 8, threads, "the GEMM's operand: it subtracts mu_k P_k too"),
         CostItem("X @ [P_1..P_g] slice", inner * gemm * d * 8, threads,
                  f"{inner} rows x {gemm} components per GEMM"),
-        CostItem("log-probabilities, responsibilities", 3 * (rows * group if grouped else inner * K) * 8,
+        CostItem("log-probabilities, responsibilities", 3 * (rows * group if grouped else big * K) * 8,
                  threads, "float64"),
-        CostItem("weighted rows", 2 * (rows if grouped else inner) * d * 8, threads,
+        CostItem("weighted rows", 2 * (rows if grouped else big) * d * 8, threads,
                  "r-selected x - shift, for the scatter syrk"),
+        *([CostItem("pruning bounds, gathered rows", big * (8 * K + 2 * d + 1) * 8, threads,
+                    f"{big}-row slices: distances to the means, bounds, one component's rows")]
+          if prune else []),
         CostItem("sufficient statistics", group * (d * d + d + 1) * 8, threads + split_every + 1,
                  "N, S1, S2: a task's accumulator, and in the tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),

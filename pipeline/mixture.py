@@ -75,21 +75,29 @@ def _shared(obj, stage, token):
 
 
 def _reduce_blocks(X, chunk, combine, shared, stage, *, split_every=_SPLIT_EVERY, offsets=False,
-                   extras=None):
+                   extras=None, store=None):
     """Lazy tree reduction of ``chunk(block, shared[, row_start])`` over X's row blocks.
 
     Task keys read ``pipeline-<stage>-chunk-<token>`` and ``pipeline-<stage>-combine<level>-<token>``;
     ``combine`` takes a list and must be associative (the tree's shape depends on
-    ``split_every`` only).
+    ``split_every`` only).  With ``store`` (the Zarr array behind X) ``block`` is
+    ``(store, start, stop)`` instead, for a chunk that reads its own rows; the store
+    is one graph key (its path and metadata, never its data).
     """
     from dask.base import tokenize
     from dask.delayed import delayed
 
     token = tokenize(X.name, shared, stage, split_every, getattr(chunk, "__name__", chunk),
-                     None if extras is None else [e.key for e in extras])
+                     None if extras is None else [e.key for e in extras], store is not None)
     params = _shared(shared, stage, token)
-    blocks = X.to_delayed(optimize_graph=True).ravel()
     starts = _block_offsets(X)
+    if store is None:
+        blocks = X.to_delayed(optimize_graph=True).ravel()
+    else:
+        from .distances import _source_key
+
+        src = _source_key(store, f"pipeline-{stage}-source")
+        blocks = [(src, int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
     parts = []
     for i, block in enumerate(blocks):
         args = (block, params, int(starts[i])) if offsets else (block, params)
@@ -122,14 +130,51 @@ def _persist(*objs):
         return dask.persist(*objs)
 
 
+_BUFFERS = {}  # thread id -> {"read": the X block an EM task reads its rows into}
+_BUFFER_USERS = [0]  # open _thread_buffers() scopes; the outermost one frees them
+
+
+class _thread_buffers:
+    """Scope in which EM tasks keep their read buffers from block to block.
+
+    A fresh X block of tens of MiB costs a page fault per 4 KiB (~10 us each on
+    these VMs): about a tenth of an iteration at d = 64 when every block is read
+    into a new array.  A fit keeps one buffer per thread for all its iterations
+    (the cost model counts it); the buffers are dropped when the outermost scope
+    ends (a cluster's workers keep theirs, one block per thread).
+    """
+
+    def __enter__(self):
+        _BUFFER_USERS[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _BUFFER_USERS[0] -= 1
+        if _BUFFER_USERS[0] == 0:
+            _BUFFERS.clear()
+        return False
+
+
 def _em_chunk(block, prepared):
+    if isinstance(block, tuple):
+        # (Zarr array, first row, stop): the task reads its own rows into its
+        # thread's reused buffer (no separate read task, no fresh block per task).
+        import threading
+
+        from .distances import _read
+
+        src, start, stop = block
+        block = _read(src, (start, stop - 1), _BUFFERS.setdefault(threading.get_ident(), {}))
     return _g.em_block_stats(block, prepared=prepared)
 
 
-def _em_stats_graph(X, weights, means, precisions_cholesky, shift, component_group, split_every):
+def _em_stats_graph(X, weights, means, precisions_cholesky, shift, component_group, split_every,
+                    store=None):
+    """The tree of one fused E+M pass; ``store``, the Zarr array behind X, if any."""
     prepared = _g.prepare_parameters(weights, means, precisions_cholesky, shift=shift,
                                      component_group=component_group)
-    return _reduce_blocks(X, _em_chunk, _g.combine_stats, prepared, "em", split_every=split_every)
+    return _reduce_blocks(X, _em_chunk, _g.combine_stats, prepared, "em", split_every=split_every,
+                          store=store)
 
 
 def _lse_chunk(block, prepared):
@@ -192,7 +237,7 @@ def _group_stats_chunk(block, prepared, lse):
 
 
 def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift=None,
-            split_every=None, plan=None):
+            split_every=None, plan=None, _store=None):
     """One fused E+M pass over ``X``: the sufficient statistics of an EM iteration.
 
     Parameters
@@ -210,6 +255,9 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
         Width of the summation tree.
     plan : Plan, optional
         A plan from ``pipeline.plan("gmm", ...)`` (default: made from the budget).
+    _store : zarr.Array, optional
+        The Zarr array behind a dask ``X`` (internal: lets the tasks read their own
+        rows into reused buffers).
 
     Returns
     -------
@@ -239,8 +287,14 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
     if plan["component_groups"] > 1:
         return _em_step_grouped(X, weights, means, precisions_cholesky, shift,
                                 plan["component_group"], split_every)
-    graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every)
-    (stats,) = _compute(graph, label="EM iteration")
+    if _store is None and not hasattr(source, "dask"):
+        from .storage import zarr_source
+
+        _store = zarr_source(source)
+    graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every,
+                            store=_store)
+    with _thread_buffers():
+        (stats,) = _compute(graph, label="EM iteration")
     return stats
 
 
@@ -547,9 +601,16 @@ class GaussianMixture(BaseEstimator):
 
     def _fit(self, X, callback=None, state=None):
         """Run EM; ``state`` resumes (params, n_iter, lower_bound, history)."""
+        with _thread_buffers():  # the tasks' read buffers live as long as the fit
+            return self._fit_em(X, callback, state)
+
+    def _fit_em(self, X, callback, state):
+        from .storage import zarr_source
+
         X0 = _as_dask(X)
         w, m, pc = self._validate(X0)
         plan = _plan(X0, self.n_components, self.memory_budget, source=X)
+        store = None if hasattr(X, "dask") else zarr_source(X)
         X = _as_dask(X, rows=plan["rows"])
         self.plan_ = plan
         if state is None:
@@ -580,7 +641,7 @@ class GaussianMixture(BaseEstimator):
                 prev = lower_bound
                 t0 = time.perf_counter()
                 stats = em_step(X, params["weights"], params["means"], params["precisions_cholesky"],
-                                plan=plan)
+                                plan=plan, _store=store)
                 lower_bound = _g.mean_log_likelihood(stats)
                 shift = params["means"]
                 # Drop theta_t's (K, d, d) arrays before the M-step allocates theta_{t+1}'s

@@ -215,8 +215,8 @@ def test_zero_responsibilities_skipped_exactly():
 
 
 def test_budget_model_mirrors_kernel_slices():
-    # pipeline.budget._cost_gmm repeats the kernels' slice rules (budget may not import
-    # kernels); keep the two in step.
+    # pipeline.budget._cost_gmm sizes its items from the kernels' slice rules; check
+    # the item against the rule itself.
     from pipeline.budget import plan
 
     for d, K in ((64, 16), (900, 2), (900, 200), (10_000, 200)):
@@ -225,3 +225,70 @@ def test_budget_model_mirrors_kernel_slices():
         item = next(i for i in p.items if i.name.startswith("X @"))
         rows = min(p["rows"], g.inner_rows(d))
         assert item.nbytes == rows * min(g.gemm_group(K, d), p["component_group"]) * d * 8
+
+
+def _separated(rng, K=10, d=8, n=3000, offset=0.0, stretch=False):
+    """Separated blobs; with ``stretch`` one component straddles two blobs.
+
+    Most (row, component) pairs are beyond exp()'s underflow, some are not (log-density
+    gaps between 20 and 745): a looser rule than the exact one would be caught.
+    """
+    centers = rng.uniform(-22, 22, size=(K, d)) + offset
+    X = centers[rng.integers(0, K, n)] + rng.standard_normal((n, d))
+    means = centers + 0.1 * rng.standard_normal((K, d))
+    cov = np.repeat(np.eye(d)[None], K, axis=0) * rng.uniform(0.8, 1.2, size=(K, 1, 1))
+    if stretch:  # component 0 covers blobs 0 and 1: long along their axis
+        u = centers[1] - centers[0]
+        means[0] = (centers[0] + centers[1]) / 2
+        cov[0] = np.eye(d) + np.outer(u, u) / 4
+    w = rng.dirichlet(np.ones(K) * 5)
+    return X, w, means, g.compute_precision_cholesky(cov)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("stretch", [False, True])
+def test_pruned_e_step_skips_only_exact_zeros(offset, stretch):
+    # The fused pass leaves out (row, component) pairs whose responsibility is provably
+    # exactly 0.0: compare with the dense log-densities entry by entry.
+    rng = np.random.default_rng(11)
+    X, w, means, P = _separated(rng, offset=offset, stretch=stretch)
+    prepared = g.prepare_parameters(w, means, P)
+    assert (prepared["bounds"]["sel"].size > 0) == stretch  # the directional bound when stretched
+    logp = g._pruned_log_prob(X, prepared, {})
+    assert logp is not None
+    dense = g.weighted_log_prob(X, prepared)
+    skipped = np.isneginf(logp) & np.isfinite(dense)
+    gap = dense - dense.max(axis=1, keepdims=True)
+    assert ((gap < -20) & (gap > -745)).mean() > 0.05  # the data have pairs in between
+    assert skipped.mean() > 0.5  # most pairs are skipped on separated data ...
+    # ... and each skipped one has exp(a - max) == 0.0 exactly in the dense computation.
+    assert not np.exp(dense - dense.max(axis=1, keepdims=True))[skipped].any()
+    np.testing.assert_allclose(logp[~skipped], dense[~skipped], rtol=1e-12)
+    # The whole block's statistics are those of the dense pass.
+    dense_prep = {k: v for k, v in prepared.items() if k != "bounds"}
+    a = g.em_block_stats(X, prepared=prepared, slice_rows=512)
+    b = g.em_block_stats(X, prepared=dense_prep, slice_rows=512)
+    for key in ("N", "S1", "S2"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-12 * np.abs(b[key]).max())
+    np.testing.assert_allclose(a["log_likelihood"], b["log_likelihood"], rtol=1e-13)
+
+
+def test_pruning_gives_way_to_the_dense_pass_when_soft(problem):
+    # Overlapping components: nothing provably negligible, the slice is computed densely.
+    X, w, means, cov = problem
+    prepared = g.prepare_parameters(w, means, g.compute_precision_cholesky(cov))
+    assert g._pruned_log_prob(X, prepared, {}) is None
+    dense_prep = {k: v for k, v in prepared.items() if k != "bounds"}
+    a, b = g.em_block_stats(X, prepared=prepared), g.em_block_stats(X, prepared=dense_prep)
+    np.testing.assert_array_equal(a["S2"], b["S2"])
+    assert a["log_likelihood"] == b["log_likelihood"]
+
+
+def test_pruned_pass_keeps_nan_rows_like_the_dense_pass():
+    rng = np.random.default_rng(3)
+    X, w, means, P = _separated(rng, n=400)
+    X[17, 2] = np.nan
+    prepared = g.prepare_parameters(w, means, P)
+    logp = g._pruned_log_prob(X, prepared, {})
+    assert logp is not None and np.isnan(logp[17]).all()  # never skipped, computed as NaN
+    assert np.isnan(g.em_block_stats(X, prepared=prepared)["log_likelihood"])

@@ -64,6 +64,26 @@ INNER_ROWS = 2048
 #: for; wide data get fewer rows per slice and fewer components per GEMM.
 #: pipeline.budget._cost_gmm mirrors :func:`inner_rows` and :func:`gemm_group`.
 SLICE_BYTES = 2**25
+#: Columns of one E-step GEMM (components x features) the kernels aim for: the
+#: GEMM's (d + 1, group * d) operand then stays in a core's L2 cache.  Measured at
+#: d = 64, K = 16: groups of 1-4 components are ~13% faster per block than one
+#: 16-component GEMM, whose 1024-column operand spills out of L2.
+GEMM_COLUMNS = 256
+#: The fused EM pass skips the (row, component) log-densities that provably cannot
+#: change the result (see :func:`_pruned_log_prob`) for data up to this width (the
+#: bounds need an SVD of every P_k per iteration); wider data are computed densely.
+PRUNE_MAX_FEATURES = 1024
+#: A component is skipped for a row when its log-density is provably this far below
+#: the row's largest: exp() of anything below -745.14 is exactly 0.0 in float64, so
+#: its responsibility, and its share of the log-sum-exp, are exactly zero either way.
+PRUNE_GAP = 800.0
+#: Slices whose share of (row, component) pairs that cannot be skipped exceeds this
+#: are computed densely (one GEMM per component group, no gathers).
+PRUNE_DENSE = 0.4
+#: The pruned E-step's slices hold this many times ``inner_rows`` rows.
+PRUNE_SLICE = 4
+#: Smallest singular directions of each P_k the lower bound handles apart.
+PRUNE_DIRECTIONS = 4
 
 
 def inner_rows(n_features):
@@ -78,14 +98,15 @@ def inner_rows(n_features):
 
 
 def gemm_group(n_components, n_features):
-    """Components per E-step GEMM so one slice's output stays near SLICE_BYTES.
+    """Components per E-step GEMM: about GEMM_COLUMNS columns, at least one component.
 
     Examples
     --------
     >>> gemm_group(16, 64), gemm_group(200, 900)
-    (16, 2)
+    (4, 1)
     """
-    return max(1, min(n_components, SLICE_BYTES // (inner_rows(n_features) * n_features * 8)))
+    d = n_features
+    return max(1, min(n_components, GEMM_COLUMNS // d, SLICE_BYTES // (inner_rows(d) * d * 8)))
 
 
 def _as_float64(X):
@@ -245,13 +266,52 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
         groups.append({"start": a, "stop": b, "pcat": pcat})
     with np.errstate(divide="ignore"):
         log_weights = np.log(weights)
-    return {
+    prepared = {
         "n_components": K,
         "n_features": d,
         "groups": groups,
         "log_det": log_det_cholesky(P),
         "log_weights": log_weights,
         "shift": means.copy() if shift is None else np.ascontiguousarray(shift, dtype=np.float64),
+    }
+    if 1 < K and d <= PRUNE_MAX_FEATURES:
+        prepared["bounds"] = _component_bounds(means, P)
+    return prepared
+
+
+def _component_bounds(means, P):
+    """What :func:`_pruned_log_prob` needs to bound ``||(x - mu_k) P_k||^2`` cheaply.
+
+    With ``P_k = U S V^T`` and ``v = x - mu_k``, ``||v P_k||^2 = sum_i s_i^2 (v . u_i)^2``.
+    Keeping the ``PRUNE_DIRECTIONS`` smallest singular directions apart,
+    ``||v P_k||^2 >= s_r^2 |v|^2 - sum_{i small} (s_r^2 - s_i^2) (v . u_i)^2`` (``s_r`` the
+    smallest of the others) and ``<= s_max^2 |v|^2``: a component stretched along a
+    few directions (two clusters it straddles) still gets a tight lower bound.  The
+    singular values are widened by their rounding error (~ d u s_max).
+    """
+    K, d = means.shape
+    U, sv, _ = np.linalg.svd(P)  # sv: (K, d) descending; U[k][:, i] pairs with sv[k, i]
+    r = min(PRUNE_DIRECTIONS, d - 1)
+    slack = 4 * (d + 1) * np.finfo(np.float64).eps * sv[:, 0]
+    smin2 = np.maximum(sv[:, -1] - slack, 0.0) ** 2
+    rest = np.maximum(sv[:, d - 1 - r] - slack, 0.0) ** 2
+    # Only components whose smallest singular values stand well below the rest
+    # (stretched ones) get the directional term; the others use s_min alone.
+    sel = np.flatnonzero(smin2 < 0.5 * rest) if r else np.zeros(0, np.intp)
+    base = smin2.copy()
+    base[sel] = rest[sel]
+    small = np.minimum(sv[sel, d - r:] + slack[sel, None], np.sqrt(rest[sel])[:, None]) ** 2
+    W = U[sel][:, :, d - r:]  # (n_sel, d, r)
+    return {
+        "means_t": np.ascontiguousarray(means.T),
+        "means_sq": np.einsum("kd,kd->k", means, means),
+        "base2": base,
+        "smax2": (sv[:, 0] + slack) ** 2,
+        "sel": sel,
+        "n_dirs": r,
+        "dirs": np.ascontiguousarray(W.transpose(1, 0, 2).reshape(d, sel.size * r)),  # (d, n_sel r)
+        "dirs_mu": np.einsum("kd,kdr->kr", means[sel], W).reshape(-1),  # mu_k . u_i
+        "dirs_gap": (rest[sel, None] - small).reshape(-1),  # s_r^2 - s_i^2 >= 0
     }
 
 
@@ -325,6 +385,93 @@ def estimate_log_gaussian_prob(X, means, precisions_cholesky, *, component_group
     prepared = prepare_parameters(np.ones(K) / K, means, precisions_cholesky,
                                   component_group=component_group)
     return _log_gaussian_prob_prepared(_as_float64(X), prepared)
+
+
+def _scratch(work, name, shape):
+    """A float64 C-contiguous buffer of ``shape`` kept in ``work`` between calls.
+
+    Fresh arrays above glibc's mmap threshold (128 KiB) are new mappings, page-faulted
+    and zeroed on every call: per 2048-row slice that cost more than the arithmetic.
+    """
+    size = math.prod(shape)
+    buf = work.get(name)
+    if buf is None or buf.size < size:
+        buf = work[name] = np.empty(size)
+    return buf[:size].reshape(shape)
+
+
+def _pruned_log_prob(X, prepared, work):
+    """Weighted log-densities of a slice, with provably negligible entries set to -inf.
+
+    Exact for the fused EM pass, which only uses ``exp(a - max_k a)`` of these
+    values: per row, cheap bounds from the distances to the means
+    (:func:`_component_bounds`) give an upper bound ``U_k`` on each component's
+    log-density and a lower bound ``max_k L_k`` on the row's largest.  A component
+    with ``U_k < max_k L_k - PRUNE_GAP`` has ``exp(a_k - max) == 0.0`` in float64,
+    exactly what the dense computation gives, so it is left out of the GEMMs.  On
+    separated clusters this leaves about one component per row: the E-step costs
+    up to K times less.  Returns None when too few pairs can be skipped (the
+    caller computes the slice densely).
+    """
+    b = prepared["bounds"]
+    m, d = X.shape
+    K = prepared["n_components"]
+    xn = np.einsum("ij,ij->i", X, X)
+    # |x - mu|^2 by the expansion, widened by its rounding error bound.
+    D2 = np.matmul(X, b["means_t"], out=_scratch(work, "D2", (m, K)))
+    D2 *= -2.0
+    D2 += xn[:, None]
+    D2 += b["means_sq"]
+    err = np.add(xn[:, None], b["means_sq"], out=_scratch(work, "err", (m, K)))
+    err *= 4 * (d + 2) * np.finfo(np.float64).eps
+    const = prepared["log_weights"] + prepared["log_det"] - 0.5 * d * _LOG_2PI
+    lower = np.add(D2, err, out=_scratch(work, "lower", (m, K)))
+    lower *= -0.5 * b["smax2"]
+    lower += const
+    best = lower.max(axis=1)
+    # Lower bound of ||v P_k||^2 (see _component_bounds), then the upper bound of
+    # the log-density.
+    quad = np.subtract(D2, err, out=D2)
+    np.maximum(quad, 0.0, out=quad)
+    quad *= b["base2"]
+    sel, r = b["sel"], b["n_dirs"]
+    if sel.size:
+        c = X @ b["dirs"]
+        c -= b["dirs_mu"]
+        # |c| widened by its rounding error (u_i has norm 1), squared, weighted.
+        np.abs(c, out=c)
+        c += (np.sqrt(xn)[:, None] + np.sqrt(np.repeat(b["means_sq"][sel], r))) * (2 * (d + 2) * np.finfo(np.float64).eps)
+        c *= c
+        c *= b["dirs_gap"]
+        quad[:, sel] -= c.reshape(m, sel.size, r).sum(axis=2)
+        np.maximum(quad, 0.0, out=quad)
+    upper = quad
+    upper *= -0.5
+    upper += const
+    # NaN rows (never skipped: comparisons with NaN are False) keep the dense NaNs.
+    thr = best - PRUNE_GAP - 1e-9 * np.abs(best)
+    need = ~(upper < thr[:, None])
+    if np.count_nonzero(need) > PRUNE_DENSE * need.size:
+        return None
+    q = _scratch(work, "q", (m, K))  # ||y_k||^2; inf -> density 0
+    q.fill(np.inf)
+    xa = _scratch(work, "xa", (m, d + 1))
+    xa[:, d] = 1.0
+    flat = _scratch(work, "y", (m, d)).reshape(-1)  # each GEMM's (rows, d) output
+    for g in prepared["groups"]:
+        a = g["start"]
+        for j in range(a, g["stop"]):
+            rows = np.flatnonzero(need[:, j])
+            if rows.size == 0:
+                continue
+            np.take(X, rows, axis=0, out=xa[:rows.size, :d])
+            out = flat[:rows.size * d].reshape(rows.size, d)
+            y = np.matmul(xa[:rows.size], g["pcat"][:, (j - a) * d:(j - a + 1) * d], out=out)
+            q[rows, j] = np.einsum("ij,ij->i", y, y)
+    q *= -0.5
+    q += prepared["log_det"] - 0.5 * d * _LOG_2PI
+    q += prepared["log_weights"]
+    return q
 
 
 def weighted_log_prob(X, prepared, *, buf=None):
@@ -498,19 +645,34 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
                                       shift=shift, component_group=component_group)
     n = np.shape(X)[0]
     step = max(1, int(slice_rows or inner_rows(prepared["n_features"])))
+    prune = "bounds" in prepared
+    # The pruned E-step works on PRUNE_SLICE times larger slices: its cost is in
+    # per-component calls (gathers, small GEMMs), fewer and larger ones are faster
+    # and hold the GIL less often (two threads contend for it otherwise).
+    big = step * PRUNE_SLICE if prune else step
     stats = None
-    # Slices of `step` rows keep every temporary (step, .) while one accumulator
-    # collects the block's statistics in place.  The two big scratch buffers are
-    # allocated once per block, not per slice: a fresh multi-MiB array is a new
-    # mmap, page-faulted and zeroed again (measured: ~15% of an iteration at d=64).
+    # Slices keep every temporary (slice, .) while one accumulator collects the
+    # block's statistics in place.  The big scratch buffers are allocated once per
+    # block, not per slice: a fresh multi-MiB array is a new mmap, page-faulted and
+    # zeroed again (measured: ~15% of an iteration at d=64).
     gemm_buf = _gemm_buffer(prepared, min(n, step)) if n else None
-    rows_buf = np.empty((min(n, step), prepared["n_features"]))
-    for r0 in range(0, n, step):
-        Xs = _as_float64(X[r0:r0 + step])
-        logp = weighted_log_prob(Xs, prepared, buf=gemm_buf)
-        lse = _normalise_rows(logp)
-        stats = resp_block_stats(Xs, logp, prepared["shift"], out=stats, buf=rows_buf)
-        stats["log_likelihood"] += float(lse.sum())
+    rows_buf = np.empty((min(n, big), prepared["n_features"]))
+    work = {}  # the pruned E-step's slice buffers
+    for r0 in range(0, n, big):
+        Xb = _as_float64(X[r0:r0 + big])
+        logp = _pruned_log_prob(Xb, prepared, work) if prune else None
+        if logp is not None:
+            parts = [(Xb, logp)]
+        else:
+            # Soft responsibilities (early iterations, overlapping components): this
+            # slice and the block's others are computed densely, without trying.
+            prune = False
+            parts = ((Xb[s0:s0 + step], weighted_log_prob(Xb[s0:s0 + step], prepared, buf=gemm_buf))
+                     for s0 in range(0, Xb.shape[0], step))
+        for Xs, logp in parts:
+            lse = _normalise_rows(logp)
+            stats = resp_block_stats(Xs, logp, prepared["shift"], out=stats, buf=rows_buf)
+            stats["log_likelihood"] += float(lse.sum())
     return stats
 
 
