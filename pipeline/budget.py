@@ -291,7 +291,7 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     # The fused pass's pruned E-step (kernels.gaussian._pruned_log_prob) works on
     # slices PRUNE_SLICE times larger, with its own buffers.
     prune = not grouped and K > 1 and d <= _g.PRUNE_MAX_FEATURES
-    big = min(rows, _g.PRUNE_SLICE * inner) if prune else inner
+    big = min(rows, _g.prune_rows(d)) if prune else inner
     full, grp = K * d * d * 8, group * d * d * 8
     # The driver holds theta_t's factors and covariances plus the concatenated factors
     # shared with the tasks (one key); at the M-step, the summed scatter and

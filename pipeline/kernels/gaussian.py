@@ -80,7 +80,7 @@ PRUNE_GAP = 800.0
 #: Slices whose share of (row, component) pairs that cannot be skipped exceeds this
 #: are computed densely (one GEMM per component group, no gathers).
 PRUNE_DENSE = 0.4
-#: The pruned E-step's slices hold this many times ``inner_rows`` rows.
+#: The pruned E-step's slices hold up to this many times ``inner_rows`` rows.
 PRUNE_SLICE = 4
 #: Smallest singular directions of each P_k the lower bound handles apart.
 PRUNE_DIRECTIONS = 4
@@ -95,6 +95,18 @@ def inner_rows(n_features):
     (2048, 419)
     """
     return max(64, min(INNER_ROWS, SLICE_BYTES // (8 * n_features)))
+
+
+def prune_rows(n_features):
+    """Rows per slice of the pruned E-step: PRUNE_SLICE slices, up to SLICE_BYTES of X.
+
+    Examples
+    --------
+    >>> prune_rows(64), prune_rows(900)
+    (8192, 4660)
+    """
+    inner = inner_rows(n_features)
+    return max(inner, min(PRUNE_SLICE * inner, SLICE_BYTES // (8 * n_features)))
 
 
 def gemm_group(n_components, n_features):
@@ -644,19 +656,20 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
         prepared = prepare_parameters(np.exp(log_weights), means, precisions_cholesky,
                                       shift=shift, component_group=component_group)
     n = np.shape(X)[0]
-    step = max(1, int(slice_rows or inner_rows(prepared["n_features"])))
+    d = prepared["n_features"]
+    step = max(1, int(slice_rows or inner_rows(d)))
     prune = "bounds" in prepared
-    # The pruned E-step works on PRUNE_SLICE times larger slices: its cost is in
+    # The pruned E-step works on larger slices (prune_rows): its cost is in
     # per-component calls (gathers, small GEMMs), fewer and larger ones are faster
     # and hold the GIL less often (two threads contend for it otherwise).
-    big = step * PRUNE_SLICE if prune else step
+    big = (step * PRUNE_SLICE if slice_rows else prune_rows(d)) if prune else step
     stats = None
     # Slices keep every temporary (slice, .) while one accumulator collects the
     # block's statistics in place.  The big scratch buffers are allocated once per
     # block, not per slice: a fresh multi-MiB array is a new mmap, page-faulted and
     # zeroed again (measured: ~15% of an iteration at d=64).
     gemm_buf = _gemm_buffer(prepared, min(n, step)) if n else None
-    rows_buf = np.empty((min(n, big), prepared["n_features"]))
+    rows_buf = np.empty((min(n, big), d))
     work = {}  # the pruned E-step's slice buffers
     for r0 in range(0, n, big):
         Xb = _as_float64(X[r0:r0 + big])
