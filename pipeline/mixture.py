@@ -670,7 +670,7 @@ class GaussianMixture(BaseEstimator):
         if not converged and self.max_iter > 0:
             warnings.warn("Best performing initialization did not converge. Try different init "
                           "parameters, or increase max_iter, tol, or check for degenerate data.",
-                          ConvergenceWarning, stacklevel=3)
+                          ConvergenceWarning, stacklevel=4)
         self.weights_ = params["weights"]
         self.means_ = params["means"]
         self.precisions_cholesky_ = params["precisions_cholesky"]

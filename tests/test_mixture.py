@@ -216,8 +216,9 @@ def test_n_init_and_warm_start():
 def test_convergence_warning_and_clone():
     X = load_iris().data
     gm = pl.GaussianMixture(3, max_iter=2, random_state=0)
-    with pytest.warns(pl.mixture.ConvergenceWarning, match="did not converge"):
+    with pytest.warns(pl.mixture.ConvergenceWarning, match="did not converge") as caught:
         gm.fit(X)
+    assert caught[0].filename == __file__  # points at the user's call, as scikit-learn's
     assert not gm.converged_ and gm.n_iter_ == 2
     c = clone(gm)
     assert c.get_params() == gm.get_params() and not hasattr(c, "means_")

@@ -302,7 +302,7 @@ def _component_bounds(means, P):
     singular values are widened by their rounding error (~ d u s_max).
     """
     K, d = means.shape
-    U, sv, _ = np.linalg.svd(P)  # sv: (K, d) descending; U[k][:, i] pairs with sv[k, i]
+    sv = np.linalg.svd(P, compute_uv=False)  # (K, d), descending
     r = min(PRUNE_DIRECTIONS, d - 1)
     slack = 4 * (d + 1) * np.finfo(np.float64).eps * sv[:, 0]
     smin2 = np.maximum(sv[:, -1] - slack, 0.0) ** 2
@@ -313,7 +313,11 @@ def _component_bounds(means, P):
     base = smin2.copy()
     base[sel] = rest[sel]
     small = np.minimum(sv[sel, d - r:] + slack[sel, None], np.sqrt(rest[sel])[:, None]) ** 2
-    W = U[sel][:, :, d - r:]  # (n_sel, d, r)
+    # Singular vectors only for the selected components, one at a time (a batched
+    # SVD with vectors would hold two (K, d, d) arrays: more than the parameters).
+    W = np.empty((sel.size, d, r))
+    for i, k in enumerate(sel):
+        W[i] = np.linalg.svd(P[k])[0][:, d - r:]  # left vectors of the r smallest
     return {
         "means_t": np.ascontiguousarray(means.T),
         "means_sq": np.einsum("kd,kd->k", means, means),
