@@ -292,3 +292,25 @@ def test_pruned_pass_keeps_nan_rows_like_the_dense_pass():
     logp = g._pruned_log_prob(X, prepared, {})
     assert logp is not None and np.isnan(logp[17]).all()  # never skipped, computed as NaN
     assert np.isnan(g.em_block_stats(X, prepared=prepared)["log_likelihood"])
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_log_prob_bounds_hold_for_every_pair(offset):
+    # The pruning's two bounds bracket every dense log-density, for round, stretched
+    # (rank-one excess) and random full covariances, near and far from the origin.
+    rng = np.random.default_rng(8)
+    K, d, n = 9, 12, 2000
+    means = rng.uniform(-10, 10, size=(K, d)) + offset
+    cov = _random_spd(rng, K, d)
+    for k in range(3):  # stretched along one or two directions
+        u = rng.standard_normal((d, 1 + k % 2)) * 5
+        cov[k] = np.eye(d) + u @ u.T
+    X = means[rng.integers(0, K, n)] + rng.standard_normal((n, d)) * 4
+    prepared = g.prepare_parameters(rng.dirichlet(np.ones(K)), means, g.compute_precision_cholesky(cov))
+    assert prepared["bounds"]["sel"].size >= 3
+    lower, upper = g._log_prob_bounds(X, prepared, {})
+    dense = g.weighted_log_prob(X, prepared)
+    slack = 1e-9 * np.abs(dense)
+    assert (lower <= dense + slack).all() and (upper >= dense - slack).all()
+    # ... and they are not vacuous: on most pairs within a factor of a few.
+    assert np.median((upper - dense) / np.abs(dense)) < 0.5

@@ -299,7 +299,9 @@ def _component_bounds(means, P):
     ``||v P_k||^2 >= s_r^2 |v|^2 - sum_{i small} (s_r^2 - s_i^2) (v . u_i)^2`` (``s_r`` the
     smallest of the others) and ``<= s_max^2 |v|^2``: a component stretched along a
     few directions (two clusters it straddles) still gets a tight lower bound.  The
-    singular values are widened by their rounding error (~ d u s_max).
+    singular values are widened by their rounding error (~ d u s_max): down in the
+    lower bound (which holds for any s_r, s_i at or below the true ones), up in the
+    upper one.
     """
     K, d = means.shape
     sv = np.linalg.svd(P, compute_uv=False)  # (K, d), descending
@@ -312,7 +314,7 @@ def _component_bounds(means, P):
     sel = np.flatnonzero(smin2 < 0.5 * rest) if r else np.zeros(0, np.intp)
     base = smin2.copy()
     base[sel] = rest[sel]
-    small = np.minimum(sv[sel, d - r:] + slack[sel, None], np.sqrt(rest[sel])[:, None]) ** 2
+    small = np.minimum(np.maximum(sv[sel, d - r:] - slack[sel, None], 0.0), np.sqrt(rest[sel])[:, None]) ** 2
     # Singular vectors only for the selected components, one at a time (a batched
     # SVD with vectors would hold two (K, d, d) arrays: more than the parameters).
     W = np.empty((sel.size, d, r))
@@ -429,41 +431,10 @@ def _pruned_log_prob(X, prepared, work):
     up to K times less.  Returns None when too few pairs can be skipped (the
     caller computes the slice densely).
     """
-    b = prepared["bounds"]
     m, d = X.shape
     K = prepared["n_components"]
-    xn = np.einsum("ij,ij->i", X, X)
-    # |x - mu|^2 by the expansion, widened by its rounding error bound.
-    D2 = np.matmul(X, b["means_t"], out=_scratch(work, "D2", (m, K)))
-    D2 *= -2.0
-    D2 += xn[:, None]
-    D2 += b["means_sq"]
-    err = np.add(xn[:, None], b["means_sq"], out=_scratch(work, "err", (m, K)))
-    err *= 4 * (d + 2) * np.finfo(np.float64).eps
-    const = prepared["log_weights"] + prepared["log_det"] - 0.5 * d * _LOG_2PI
-    lower = np.add(D2, err, out=_scratch(work, "lower", (m, K)))
-    lower *= -0.5 * b["smax2"]
-    lower += const
+    lower, upper = _log_prob_bounds(X, prepared, work)
     best = lower.max(axis=1)
-    # Lower bound of ||v P_k||^2 (see _component_bounds), then the upper bound of
-    # the log-density.
-    quad = np.subtract(D2, err, out=D2)
-    np.maximum(quad, 0.0, out=quad)
-    quad *= b["base2"]
-    sel, r = b["sel"], b["n_dirs"]
-    if sel.size:
-        c = X @ b["dirs"]
-        c -= b["dirs_mu"]
-        # |c| widened by its rounding error (u_i has norm 1), squared, weighted.
-        np.abs(c, out=c)
-        c += (np.sqrt(xn)[:, None] + np.sqrt(np.repeat(b["means_sq"][sel], r))) * (2 * (d + 2) * np.finfo(np.float64).eps)
-        c *= c
-        c *= b["dirs_gap"]
-        quad[:, sel] -= c.reshape(m, sel.size, r).sum(axis=2)
-        np.maximum(quad, 0.0, out=quad)
-    upper = quad
-    upper *= -0.5
-    upper += const
     # NaN rows (never skipped: comparisons with NaN are False) keep the dense NaNs.
     thr = best - PRUNE_GAP - 1e-9 * np.abs(best)
     need = ~(upper < thr[:, None])
@@ -488,6 +459,45 @@ def _pruned_log_prob(X, prepared, work):
     q += prepared["log_det"] - 0.5 * d * _LOG_2PI
     q += prepared["log_weights"]
     return q
+
+
+def _log_prob_bounds(X, prepared, work):
+    """(rows, K) lower and upper bounds on the weighted log-densities of a slice."""
+    b = prepared["bounds"]
+    m, d = X.shape
+    K = prepared["n_components"]
+    xn = np.einsum("ij,ij->i", X, X)
+    # |x - mu|^2 by the expansion, widened by its rounding error bound.
+    D2 = np.matmul(X, b["means_t"], out=_scratch(work, "D2", (m, K)))
+    D2 *= -2.0
+    D2 += xn[:, None]
+    D2 += b["means_sq"]
+    err = np.add(xn[:, None], b["means_sq"], out=_scratch(work, "err", (m, K)))
+    err *= 4 * (d + 2) * np.finfo(np.float64).eps
+    const = prepared["log_weights"] + prepared["log_det"] - 0.5 * d * _LOG_2PI
+    lower = np.add(D2, err, out=_scratch(work, "lower", (m, K)))
+    lower *= -0.5 * b["smax2"]
+    lower += const
+    # Lower bound of ||v P_k||^2 (see _component_bounds), then the upper bound of
+    # the log-density.
+    quad = np.subtract(D2, err, out=D2)
+    np.maximum(quad, 0.0, out=quad)
+    quad *= b["base2"]
+    sel, r = b["sel"], b["n_dirs"]
+    if sel.size:
+        c = X @ b["dirs"]
+        c -= b["dirs_mu"]
+        # |c| widened by its rounding error (u_i has norm 1), squared, weighted.
+        np.abs(c, out=c)
+        c += (np.sqrt(xn)[:, None] + np.sqrt(np.repeat(b["means_sq"][sel], r))) * (2 * (d + 2) * np.finfo(np.float64).eps)
+        c *= c
+        c *= b["dirs_gap"]
+        quad[:, sel] -= c.reshape(m, sel.size, r).sum(axis=2)
+        np.maximum(quad, 0.0, out=quad)
+    upper = quad
+    upper *= -0.5
+    upper += const
+    return lower, upper
 
 
 def weighted_log_prob(X, prepared, *, buf=None):
