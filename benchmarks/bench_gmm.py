@@ -16,8 +16,9 @@ the child's ``ru_maxrss`` (``os.wait4``) minus that of an idle child that import
 same modules.  GFLOP/s count the dense GEMM work of an iteration, 4 n K d^2 (the E-step
 products ``X P_k`` and the M-step scatter, each 2 n d^2 per component), against a
 float64 GEMM peak measured in the same run.  Both tools are credited with that dense
-work: pipeline skips the products whose responsibility is exactly zero (and
-scikit-learn does not), so its figure is an effective rate and can exceed the peak.  Results: ``benchmarks/results/gmm-<case>.json``
+work (scikit-learn's): pipeline does less (its scatter is a syrk, n d^2 per component,
+and it skips the products whose responsibility is exactly zero), so its figure is an
+effective rate and can exceed the peak.  Results: ``benchmarks/results/gmm-<case>.json``
 and ``.png``.
 """
 

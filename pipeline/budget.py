@@ -290,7 +290,7 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     gemm = min(group, _g.gemm_group(K, d))
     # The fused pass's pruned E-step (kernels.gaussian._pruned_log_prob) works on
     # slices PRUNE_SLICE times larger, with its own buffers.
-    prune = not grouped and K > 1 and d <= _g.PRUNE_MAX_FEATURES
+    prune = not grouped and K >= _g.PRUNE_MIN_COMPONENTS and d <= _g.PRUNE_MAX_FEATURES
     big = min(rows, _g.prune_rows(d)) if prune else inner
     full, grp = K * d * d * 8, group * d * d * 8
     # The driver holds theta_t's factors and covariances plus the concatenated factors
@@ -302,7 +302,8 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
         items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 2, "persisted between a group's passes"))
     items.append(CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"))
     if itemsize != 8:
-        items.append(CostItem("X as float64", inner * d * 8, threads, "converted per slice"))
+        items.append(CostItem("X as float64", 2 * big * d * 8, threads,
+                              "converted per slice; the next slice's before the last is freed"))
     items += [
         CostItem("[X 1] slice", inner * (d + 1) * 8, threads, "the GEMM's operand: it subtracts mu_k P_k too"),
         CostItem("X @ [P_1..P_g] slice", inner * gemm * d * 8, threads,
@@ -311,7 +312,7 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
                  threads, "float64"),
         CostItem("weighted rows", 2 * (rows if grouped else big) * d * 8, threads,
                  "r-selected x - shift, for the scatter syrk"),
-        *([CostItem("pruning bounds, gathered rows", big * (8 * K + 2 * d + 1) * 8, threads,
+        *([CostItem("pruning bounds, gathered rows", big * (9 * K + 2 * d + 1) * 8, threads,
                     f"{big}-row slices: distances to the means, bounds, one component's rows")]
           if prune else []),
         CostItem("sufficient statistics", group * (d * d + d + 1) * 8, threads + split_every + 1,

@@ -197,7 +197,8 @@ def _em_step_grouped(X, weights, means, precisions_cholesky, shift, group, split
 
     def prep(a, b):
         # Made per pass, not kept for all groups: one group's factors at a time.
-        p = _g.prepare_parameters(weights[a:b], means[a:b], precisions_cholesky[a:b], shift=shift[a:b])
+        p = _g.prepare_parameters(weights[a:b], means[a:b], precisions_cholesky[a:b], shift=shift[a:b],
+                                  prune=False)
         # prepare_parameters takes log(weights) of the group's own weights: these are
         # the global weights, not renormalised within the group, as the E-step needs.
         return p
@@ -715,7 +716,7 @@ class GaussianMixture(BaseEstimator):
                              f"{self.means_.shape[1]}")
         plan = _plan(Xd, self.n_components, self.memory_budget, source=X)
         Xd = _as_dask(X, rows=plan["rows"])
-        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_)
+        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_, prune=False)
         shared = dask.delayed(prepared, traverse=False)
         K = self.n_components
         return Xd.map_blocks(_wlp_block, shared, dtype=np.float64, chunks=(Xd.chunks[0], (K,)),

@@ -314,3 +314,24 @@ def test_log_prob_bounds_hold_for_every_pair(offset):
     assert (lower <= dense + slack).all() and (upper >= dense - slack).all()
     # ... and they are not vacuous: on most pairs within a factor of a few.
     assert np.median((upper - dense) / np.abs(dense)) < 0.5
+
+
+def test_bounds_only_where_pruning_can_pay():
+    rng = np.random.default_rng(4)
+    X, w, means, P = _separated(rng, K=3, n=50)
+    assert "bounds" in g.prepare_parameters(w, means, P)
+    assert "bounds" not in g.prepare_parameters(w, means, P, prune=False)
+    # K = 2: every row keeps one of two components, never enough to skip.
+    assert "bounds" not in g.prepare_parameters(w[:2] / w[:2].sum(), means[:2], P[:2])
+
+
+def test_empty_block_adds_zeros():
+    rng = np.random.default_rng(4)
+    X, w, means, P = _separated(rng, K=3, n=50)
+    prepared = g.prepare_parameters(w, means, P)
+    empty = g.em_block_stats(X[:0], prepared=prepared)
+    whole = g.em_block_stats(X, prepared=prepared)
+    both = g.combine_stats([empty, whole])
+    assert empty["n"] == 0 and not empty["S2"].any() and empty["log_likelihood"] == 0.0
+    np.testing.assert_array_equal(both["S2"], whole["S2"])
+    assert both["log_likelihood"] == whole["log_likelihood"]

@@ -82,6 +82,10 @@ PRUNE_GAP = 800.0
 PRUNE_DENSE = 0.4
 #: The pruned E-step's slices hold up to this many times ``inner_rows`` rows.
 PRUNE_SLICE = 4
+#: Every row keeps at least one of its K components, so at most 1 - 1/K of the pairs
+#: can be skipped: with K = 2 never more than PRUNE_DENSE allows, and the bounds
+#: would be computed for nothing.
+PRUNE_MIN_COMPONENTS = 3
 #: Smallest singular directions of each P_k the lower bound handles apart.
 PRUNE_DIRECTIONS = 4
 
@@ -233,7 +237,8 @@ def _group_bounds(n_components, component_group, n_features):
     return [(a, min(a + g, n_components)) for a in range(0, n_components, g)]
 
 
-def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, component_group=None):
+def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, component_group=None,
+                       prune=True):
     """Everything a block needs from one iteration's parameters, computed once.
 
     The result is what the graph shares as one key: per component group the
@@ -251,6 +256,9 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
     component_group : int, optional
         Components per GEMM; bounds the (rows, group * n_features) temporary.
         Default :func:`gemm_group`.
+    prune : bool, default True
+        Also compute the bounds the fused pass uses to skip negligible components
+        (:func:`em_block_stats`); callers that need every log-density pass False.
 
     Returns
     -------
@@ -286,7 +294,7 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
         "log_weights": log_weights,
         "shift": means.copy() if shift is None else np.ascontiguousarray(shift, dtype=np.float64),
     }
-    if 1 < K and d <= PRUNE_MAX_FEATURES:
+    if prune and K >= PRUNE_MIN_COMPONENTS and d <= PRUNE_MAX_FEATURES:
         prepared["bounds"] = _component_bounds(means, P)
     return prepared
 
@@ -400,7 +408,7 @@ def estimate_log_gaussian_prob(X, means, precisions_cholesky, *, component_group
     array([[-0.918939]])
     """
     K = np.shape(means)[0]
-    prepared = prepare_parameters(np.ones(K) / K, means, precisions_cholesky,
+    prepared = prepare_parameters(np.ones(K) / K, means, precisions_cholesky, prune=False,
                                   component_group=component_group)
     return _log_gaussian_prob_prepared(_as_float64(X), prepared)
 
@@ -489,7 +497,9 @@ def _log_prob_bounds(X, prepared, work):
         c -= b["dirs_mu"]
         # |c| widened by its rounding error (u_i has norm 1), squared, weighted.
         np.abs(c, out=c)
-        c += (np.sqrt(xn)[:, None] + np.sqrt(np.repeat(b["means_sq"][sel], r))) * (2 * (d + 2) * np.finfo(np.float64).eps)
+        f = 2 * (d + 2) * np.finfo(np.float64).eps
+        c += (np.sqrt(xn) * f)[:, None]  # in two steps: no (rows, n_sel r) temporary
+        c += np.sqrt(np.repeat(b["means_sq"][sel], r)) * f
         c *= c
         c *= b["dirs_gap"]
         quad[:, sel] -= c.reshape(m, sel.size, r).sum(axis=2)
@@ -685,6 +695,8 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
     gemm_buf = _gemm_buffer(prepared, min(n, step)) if n else None
     rows_buf = np.empty((min(n, big), d))
     work = {}  # the pruned E-step's slice buffers
+    if n == 0:  # an empty block adds nothing (zeros, so combine_stats takes it)
+        return resp_block_stats(np.empty((0, d)), np.empty((0, prepared["n_components"])), prepared["shift"])
     for r0 in range(0, n, big):
         Xb = _as_float64(X[r0:r0 + big])
         logp = _pruned_log_prob(Xb, prepared, work) if prune else None
