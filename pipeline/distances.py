@@ -220,12 +220,20 @@ def pairwise_distances(X, Y, metric="euclidean", memory_budget=None, *, precisio
     sy = da.arange(Yd.shape[0], chunks=Yd.chunks[0], dtype=np.int64)
     kw = dict(metric=metric, upcast=upcast, dtype=dtype, meta=np.empty((0, 0), dtype),
               token="pipeline-distances-block")
-    if src is not None:
-        # Tasks read their own training rows; Yd only gives the block boundaries.
-        return da.blockwise(_block_from_store, "ij", Xd, "if", shift, "f", sx, "i", sy, "j", src, None,
+    import warnings
+
+    from dask.array.core import PerformanceWarning
+
+    with warnings.catch_warnings():
+        # An all-pairs product has (query blocks x training blocks) tasks by design;
+        # dask's "increasing number of chunks" warning would only alarm users.
+        warnings.simplefilter("ignore", PerformanceWarning)
+        if src is not None:
+            # Tasks read their own training rows; Yd only gives the block boundaries.
+            return da.blockwise(_block_from_store, "ij", Xd, "if", shift, "f", sx, "i", sy, "j", src, None,
+                                concatenate=False, **kw)
+        return da.blockwise(_block, "ij", Xd, "if", Yd, "jf", shift, "f", sx, "i", sy, "j",
                             concatenate=False, **kw)
-    return da.blockwise(_block, "ij", Xd, "if", Yd, "jf", shift, "f", sx, "i", sy, "j",
-                        concatenate=False, **kw)
 
 
 def write_distances(query, train, out, *, metric="euclidean", memory_budget=None, overwrite=False,
