@@ -471,7 +471,12 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     if group is None:
         group = 1
         if peak(1, 1) > budget:
-            _too_small("gmm", budget, peak(1, 1), "one row with one component")
+            what = "one row with one component"
+            held = next(i.total for i in cost(1, 1) if i.name.startswith("parameters"))
+            if held > peak(1, 1) / 2:  # say what dominates: K d^2 parameters, not X
+                what += (f" (the parameters of all {K} components, three {K} x {d} x {d} float64 arrays held in "
+                         f"the driver, are {format_bytes(held)} of it)")
+            _too_small("gmm", budget, peak(1, 1), what)
     rows = _largest(lambda r: peak(r, group) <= budget, 1, n)
     # Enough blocks to keep every thread busy and the tree shallow.
     rows = min(rows, max(target, math.ceil(n / (4 * threads))))

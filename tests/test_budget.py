@@ -87,6 +87,16 @@ def test_gmm_groups_components_when_parameters_do_not_fit():
     assert one["component_group"] == 2 and one["passes"] == 1
 
 
+def test_gmm_minimum_says_the_driver_parameters_dominate():
+    # [2M x 10000] x 200: the three K d^2 arrays the driver holds are most of the
+    # minimum, and the message says so instead of blaming one row.
+    with pytest.raises(BudgetError, match=r"parameters of all 200 components, three 200 x 10000 x 10000 "
+                                          r"float64 arrays held in the driver, are 447.\d GiB") as e:
+        plan("gmm", memory_budget="20GiB", threads=2, n_samples=2_000_000, n_features=10_000,
+             n_components=200, itemsize=8)
+    assert "give --memory-budget" in str(e.value)
+
+
 def test_plan_rejects_unknown_op_and_bad_shapes():
     with pytest.raises(BudgetError, match="unknown operation 'pca'.*distances"):
         plan("pca", memory_budget="1GiB", n_x=1)
