@@ -716,7 +716,7 @@ class GaussianMixture(BaseEstimator):
                              f"{self.means_.shape[1]}")
         plan = _plan(Xd, self.n_components, self.memory_budget, source=X)
         Xd = _as_dask(X, rows=plan["rows"])
-        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_, prune=False)
+        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_)
         shared = dask.delayed(prepared, traverse=False)
         K = self.n_components
         return Xd.map_blocks(_wlp_block, shared, dtype=np.float64, chunks=(Xd.chunks[0], (K,)),
@@ -766,7 +766,8 @@ def _is_lazy_input(X):
 
 
 def _wlp_block(block, prepared):
-    return _g.weighted_log_prob(block, prepared)
+    # Entries that cannot matter are -inf: every use below goes through exp(a - max).
+    return _g.weighted_log_prob_sparse(block, prepared)
 
 
 def _lse_block(wlp):

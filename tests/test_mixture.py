@@ -141,6 +141,24 @@ def test_split_every_and_deterministic_keys():
     assert sum("pipeline-em-params-" in k for k in keys) == 1
 
 
+def test_predictions_on_separated_clusters_match_sklearn():
+    # Separated clusters: prediction skips the components that cannot matter
+    # (pruned log-densities); labels, probabilities and densities are scikit-learn's.
+    from sklearn.datasets import make_blobs
+
+    X, _ = make_blobs(4000, n_features=6, centers=8, cluster_std=1.0, center_box=(-40, 40), random_state=3)
+    gm = pl.GaussianMixture(8, random_state=0, memory_budget="64MiB").fit(X)
+    prepared = g.prepare_parameters(gm.weights_, gm.means_, gm.precisions_cholesky_)
+    assert np.isneginf(g.weighted_log_prob_sparse(X, prepared)).mean() > 0.5  # pruning is at work
+    ref = SkGaussianMixture(8)
+    ref._set_parameters((gm.weights_, gm.means_, gm.covariances_, gm.precisions_cholesky_))
+    ref.n_features_in_ = 6
+    np.testing.assert_array_equal(gm.predict(X), ref.predict(X))
+    np.testing.assert_allclose(gm.predict_proba(X), ref.predict_proba(X), rtol=1e-12, atol=0)
+    assert ((gm.predict_proba(X) == 0) == (ref.predict_proba(X) == 0)).all()  # the same exact zeros
+    np.testing.assert_allclose(gm.score_samples(X), ref.score_samples(X), rtol=1e-12)
+
+
 def test_fit_predict_equals_fit_then_predict():
     X = load_iris().data
     gm = pl.GaussianMixture(3, random_state=0, memory_budget="64MiB")

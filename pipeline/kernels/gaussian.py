@@ -40,6 +40,7 @@ __all__ = [
     "logsumexp_rows",
     "em_block_stats",
     "resp_block_stats",
+    "weighted_log_prob_sparse",
     "combine_stats",
     "params_from_stats",
     "mean_log_likelihood",
@@ -531,6 +532,38 @@ def weighted_log_prob(X, prepared, *, buf=None):
     """
     out = _log_gaussian_prob_prepared(_as_float64(X), prepared, buf=buf)
     out += prepared["log_weights"]
+    return out
+
+
+def weighted_log_prob_sparse(X, prepared):
+    """:func:`weighted_log_prob` with provably negligible entries set to ``-inf``.
+
+    Every use that goes through ``exp(a - max)`` gets exactly what the dense values
+    give: the argmax, the log-sum-exp and the probabilities (``exp`` of the skipped
+    entries' ``a - max < -800`` is 0.0 either way).  Slices where pruning does not pay
+    (see :func:`_pruned_log_prob`) are computed densely; without bounds in
+    ``prepared`` (``prune=False``) all of them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = prepare_parameters(np.ones(3) / 3, np.array([[0.0], [100.0], [200.0]]), np.ones((3, 1, 1)))
+    >>> weighted_log_prob_sparse(np.array([[0.5]]), p)
+    array([[-2.14255082,        -inf,        -inf]])
+    """
+    X = _as_float64(X)
+    n, d = X.shape
+    if "bounds" not in prepared:
+        return weighted_log_prob(X, prepared)
+    out = np.empty((n, prepared["n_components"]))
+    step, work, buf = prune_rows(d), {}, None
+    for r0 in range(0, n, step):
+        Xs = X[r0:r0 + step]
+        lp = _pruned_log_prob(Xs, prepared, work)
+        if lp is None:
+            buf = _gemm_buffer(prepared, min(n, inner_rows(d))) if buf is None else buf
+            lp = weighted_log_prob(Xs, prepared, buf=buf)
+        out[r0:r0 + Xs.shape[0]] = lp
     return out
 
 
