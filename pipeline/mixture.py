@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .distances import _read, _source_key, _thread_buffers, _work
 from .errors import InputError
 from .estimator import BaseEstimator
 from .kernels import gaussian as _g
@@ -94,8 +95,6 @@ def _reduce_blocks(X, chunk, combine, shared, stage, *, split_every=_SPLIT_EVERY
     if store is None:
         blocks = X.to_delayed(optimize_graph=True).ravel()
     else:
-        from .distances import _source_key
-
         src = _source_key(store, f"pipeline-{stage}-source")
         blocks = [(src, int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
     parts = []
@@ -130,42 +129,14 @@ def _persist(*objs):
         return dask.persist(*objs)
 
 
-_BUFFERS = {}  # thread id -> {"read": the X block an EM task reads its rows into}
-_BUFFER_USERS = [0]  # open _thread_buffers() scopes; the outermost one frees them
-
-
-class _thread_buffers:
-    """Scope in which EM tasks keep their read buffers from block to block.
-
-    A fresh X block of tens of MiB costs a page fault per 4 KiB (~10 us each on
-    these VMs): about a tenth of an iteration at d = 64 when every block is read
-    into a new array.  A fit keeps one buffer per thread for all its iterations
-    (the cost model counts it); the buffers are dropped when the outermost scope
-    ends (a cluster's workers keep theirs, one block per thread).
-    """
-
-    def __enter__(self):
-        _BUFFER_USERS[0] += 1
-        return self
-
-    def __exit__(self, *exc):
-        _BUFFER_USERS[0] -= 1
-        if _BUFFER_USERS[0] == 0:
-            _BUFFERS.clear()
-        return False
-
-
 def _em_chunk(block, prepared):
     if isinstance(block, tuple):
         # (Zarr array, first row, stop): the task reads its own rows into its
         # thread's reused buffer (no separate read task, no fresh block per task).
-        import threading
-
-        from .distances import _read
-
         src, start, stop = block
-        block = _read(src, (start, stop - 1), _BUFFERS.setdefault(threading.get_ident(), {}))
-    return _g.em_block_stats(block, prepared=prepared)
+        block = _read(src, (start, stop - 1), _work())
+    # The thread's scratch dict: the slice buffers survive from block to block too.
+    return _g.em_block_stats(block, prepared=prepared, work=_work())
 
 
 def _em_stats_graph(X, weights, means, precisions_cholesky, shift, component_group, split_every,
@@ -602,7 +573,7 @@ class GaussianMixture(BaseEstimator):
 
     def _fit(self, X, callback=None, state=None):
         """Run EM; ``state`` resumes (params, n_iter, lower_bound, history)."""
-        with _thread_buffers():  # the tasks' read buffers live as long as the fit
+        with _thread_buffers():  # the tasks' scratch buffers live as long as the fit
             return self._fit_em(X, callback, state)
 
     def _fit_em(self, X, callback, state):

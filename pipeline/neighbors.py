@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from .distances import _align, _read, _shift, _source_key, _store
+from .distances import _align, _read, _shift, _source_key, _store, _thread_buffers, _work
 from .errors import InputError
 from .estimator import BaseEstimator
 from .kernels import topk as _topk
@@ -145,15 +145,6 @@ class _named:
                 f"row(s) {rows}{more}; remove or impute those rows"
             ) from None
         return False
-
-
-_WORK = {}  # thread id -> scratch buffers of knn_block, reused from block to block
-
-
-def _work():
-    import threading
-
-    return _WORK.setdefault(threading.get_ident(), {})
 
 
 def _part(queries, train, start, shift, *, k, margin):
@@ -314,10 +305,8 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     Xd, Yd, k, _plan, store = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = split_every or _SPLIT_EVERY
-    try:
+    with _thread_buffers():
         dist, ind = _kneighbors(Xd, Yd, k, margin, split_every, store)
-    finally:
-        _WORK.clear()  # the threads' scratch buffers (a cluster's workers keep theirs)
     dist = np.sqrt(dist)
     return (dist, ind) if return_distance else ind
 

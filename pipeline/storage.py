@@ -161,14 +161,7 @@ def _checked_class(strict=False):
             _strict = False
 
             def __getitem__(self, selection):
-                if self._strict:
-                    check_chunks_present(self, rows=_selected_chunks(self, selection))
-                try:
-                    return super().__getitem__(selection)
-                except PipelineError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - any decode failure means damaged data
-                    raise _decode_error(self, selection, e) from None
+                return _checked_read(self, selection, lambda: zarr.Array.__getitem__(self, selection))
 
             def __reduce__(self):
                 return _checked_from, (self._async_array, self._strict)
@@ -232,15 +225,21 @@ def read_rows_into(arr, start, stop, out):
     from zarr.core.buffer.cpu import NDBuffer
 
     selection = slice(start, stop)
+    _checked_read(arr, selection, lambda: arr.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out)))
+    return out
+
+
+def _checked_read(arr, selection, read):
+    """``read()`` with the integrity checks: a missing chunk of a strict array, or one
+    that fails to decode, raises DataError naming it (not zarr's fill value or error)."""
     if getattr(arr, "_strict", False):
         check_chunks_present(arr, rows=_selected_chunks(arr, selection))
     try:
-        arr.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+        return read()
     except PipelineError:
         raise
     except Exception as e:  # noqa: BLE001 - any decode failure means damaged data
         raise _decode_error(arr, selection, e) from None
-    return out
 
 
 def check_chunks_present(arr, rows=None):

@@ -29,6 +29,8 @@ import math
 
 import numpy as np
 
+from .buffers import scratch
+
 __all__ = [
     "PRECISION_ERROR",
     "compute_precision_cholesky",
@@ -414,19 +416,6 @@ def estimate_log_gaussian_prob(X, means, precisions_cholesky, *, component_group
     return _log_gaussian_prob_prepared(_as_float64(X), prepared)
 
 
-def _scratch(work, name, shape):
-    """A float64 C-contiguous buffer of ``shape`` kept in ``work`` between calls.
-
-    Fresh arrays above glibc's mmap threshold (128 KiB) are new mappings, page-faulted
-    and zeroed on every call: per 2048-row slice that cost more than the arithmetic.
-    """
-    size = math.prod(shape)
-    buf = work.get(name)
-    if buf is None or buf.size < size:
-        buf = work[name] = np.empty(size)
-    return buf[:size].reshape(shape)
-
-
 def _pruned_log_prob(X, prepared, work):
     """Weighted log-densities of a slice, with provably negligible entries set to -inf.
 
@@ -449,11 +438,11 @@ def _pruned_log_prob(X, prepared, work):
     need = ~(upper < thr[:, None])
     if np.count_nonzero(need) > PRUNE_DENSE * need.size:
         return None
-    q = _scratch(work, "q", (m, K))  # ||y_k||^2; inf -> density 0
+    q = scratch(work, "q", (m, K))  # ||y_k||^2; inf -> density 0
     q.fill(np.inf)
-    xa = _scratch(work, "xa", (m, d + 1))
+    xa = scratch(work, "xa", (m, d + 1))
     xa[:, d] = 1.0
-    flat = _scratch(work, "y", (m, d)).reshape(-1)  # each GEMM's (rows, d) output
+    flat = scratch(work, "y", (m, d)).reshape(-1)  # each GEMM's (rows, d) output
     for g in prepared["groups"]:
         a = g["start"]
         for j in range(a, g["stop"]):
@@ -477,14 +466,14 @@ def _log_prob_bounds(X, prepared, work):
     K = prepared["n_components"]
     xn = np.einsum("ij,ij->i", X, X)
     # |x - mu|^2 by the expansion, widened by its rounding error bound.
-    D2 = np.matmul(X, b["means_t"], out=_scratch(work, "D2", (m, K)))
+    D2 = np.matmul(X, b["means_t"], out=scratch(work, "D2", (m, K)))
     D2 *= -2.0
     D2 += xn[:, None]
     D2 += b["means_sq"]
-    err = np.add(xn[:, None], b["means_sq"], out=_scratch(work, "err", (m, K)))
+    err = np.add(xn[:, None], b["means_sq"], out=scratch(work, "err", (m, K)))
     err *= 4 * (d + 2) * np.finfo(np.float64).eps
     const = prepared["log_weights"] + prepared["log_det"] - 0.5 * d * _LOG_2PI
-    lower = np.add(D2, err, out=_scratch(work, "lower", (m, K)))
+    lower = np.add(D2, err, out=scratch(work, "lower", (m, K)))
     lower *= -0.5 * b["smax2"]
     lower += const
     # Lower bound of ||v P_k||^2 (see _component_bounds), then the upper bound of
@@ -674,7 +663,7 @@ def resp_block_stats(X, resp, shift, out=None, *, buf=None):
 
 
 def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, shift=None,
-                   *, prepared=None, component_group=None, slice_rows=None):
+                   *, prepared=None, component_group=None, slice_rows=None, work=None):
     """One row block's share of an EM iteration: E-step, then M-step statistics.
 
     Parameters
@@ -693,6 +682,9 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
         Components per E-step GEMM.
     slice_rows : int, optional
         Rows per slice inside the block (default :func:`inner_rows`).
+    work : dict, optional
+        Scratch buffers kept by the caller between blocks (see
+        :func:`pipeline.kernels.buffers.scratch`); default: fresh ones for this block.
 
     Returns
     -------
@@ -723,11 +715,12 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
     stats = None
     # Slices keep every temporary (slice, .) while one accumulator collects the
     # block's statistics in place.  The big scratch buffers are allocated once per
-    # block, not per slice: a fresh multi-MiB array is a new mmap, page-faulted and
-    # zeroed again (measured: ~15% of an iteration at d=64).
-    gemm_buf = _gemm_buffer(prepared, min(n, step)) if n else None
-    rows_buf = np.empty((min(n, big), d))
-    work = {}  # the pruned E-step's slice buffers
+    # block (or kept by the caller), not per slice: a fresh multi-MiB array is a new
+    # mmap, page-faulted and zeroed again (measured: ~15% of an iteration at d=64).
+    work = {} if work is None else work
+    width = max(g["pcat"].shape[1] for g in prepared["groups"])
+    gemm_buf = scratch(work, "em-gemm", (min(n, step), width))
+    rows_buf = scratch(work, "em-rows", (min(n, big), d))
     if n == 0:  # an empty block adds nothing (zeros, so combine_stats takes it)
         return resp_block_stats(np.empty((0, d)), np.empty((0, prepared["n_components"])), prepared["shift"])
     for r0 in range(0, n, big):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .buffers import scratch
 from .distances import as_block, row_norms_sq, working_dtype
 
 __all__ = [
@@ -347,17 +348,6 @@ def _error_bound(dtype, n_features):
     return 2 * du / (1 - du) + 8 * u if du < 0.5 else np.inf
 
 
-def _scratch(work, name, shape, dtype):
-    """A C-contiguous buffer of ``shape``: from ``work`` (reused) when given."""
-    if work is None:
-        return np.empty(shape, dtype)
-    size = int(np.prod(shape))
-    buf = work.get(name)
-    if buf is None or buf.dtype != dtype or buf.size < size:
-        buf = work[name] = np.empty(size, dtype)
-    return buf[:size].reshape(shape)
-
-
 def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
     """Exact ``k`` nearest rows of a training block for every query.
 
@@ -399,7 +389,7 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
     if shift is None and Y.dtype == xm2.dtype and Y.flags.c_contiguous:
         yc = Y
     else:
-        yc = _scratch(work, "yc", Y.shape, xm2.dtype)
+        yc = scratch(work, "yc", Y.shape, xm2.dtype)
         np.subtract(Y, np.zeros(1) if shift is None else np.asarray(shift).astype(xm2.dtype, copy=False),
                     out=yc, casting="unsafe")
     # In the working dtype (SIMD, a third of the float64 cost); the error bound
@@ -408,7 +398,7 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
     _check_finite(yn, offset)
     # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
     # along a row, so it is left out of the (n_queries, n_rows) block.
-    S = np.matmul(xm2, yc.T, out=_scratch(work, "S", (xm2.shape[0], m), xm2.dtype))
+    S = np.matmul(xm2, yc.T, out=scratch(work, "S", (xm2.shape[0], m), xm2.dtype))
     S += yn[None, :]
     del yc
     if n_cand < m:
