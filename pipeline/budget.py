@@ -258,20 +258,25 @@ def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upca
 
 
 def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
-    # Mirrors pipeline.kernels.topk.knn_block and pipeline.neighbors' graph.
+    # Mirrors pipeline.kernels.topk.knn_steps and pipeline.neighbors' graph.
+    from .kernels import topk as _topk
+
     d = n_features
     w = max(itemsize, 4)  # working dtype: float64 stays, float32 and integers -> float32
     cand = k + 2 + k // 8  # k + neighbors._default_margin(k)
+    step = min(bt, _topk.step_rows(bq, d, itemsize))
     items = [
         CostItem("query block, prepared", bq * d * (w + 8), 1, "centred copy + float64 copy for the exact re-rank"),
         CostItem("query block as read", bq * d * itemsize, 1, "until prepared"),
-        CostItem("train block as read", bt * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"),
-        CostItem("train block centred", bt * d * w, threads, "working dtype"),
-        CostItem("ranking block", bq * bt * w, threads, "one GEMM: ||y||^2 - 2 x.y"),
-        CostItem("argpartition indices", min(bq, 64) * bt * 8, threads, "64 query rows at a time"),
-        CostItem("exact re-rank buffers", max(2 * 2**20, 8 * cand * d * 8) * 2 + bq * cand * 24, threads, "gathered candidates, float64"),
-        CostItem("partial top-k lists", bq * (k * 16 + 8), threads + min(n_train_blocks, 8),
-                 "distances, indices, bound; merged in a tree"),
+        CostItem("train block", bt * d * itemsize, threads,
+                 "an array input's block; Zarr inputs are read a step (up to 2 chunks) at a time"),
+        CostItem("train step centred", step * d * w, threads, f"{step} rows per GEMM, working dtype"),
+        CostItem("ranking block", bq * step * (w + 1), threads, "one GEMM: ||y||^2 - 2 x.y, and its mask"),
+        CostItem("selection indices", min(bq, 64) * step * 8, threads, "64 query rows at a time"),
+        CostItem("exact re-rank buffers", 3 * 2 * 2**20 + bq * cand * 48, threads,
+                 "gathered candidates, float64; candidate pairs"),
+        CostItem("running top-k lists", bq * (3 * k * 16 + 16), threads + min(n_train_blocks, 8),
+                 "per task and in the merge tree; the shared bound"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
     return items

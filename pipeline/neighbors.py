@@ -27,6 +27,8 @@ training row: the answer is exact whatever the rounding of the GEMM.
 from __future__ import annotations
 
 import math
+import threading
+import uuid
 
 import numpy as np
 
@@ -88,9 +90,37 @@ def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
         bt = _grow_train_rows(p, bt, k, threads, budget, Yd.shape[0])
         if ct:
             bt = _align(bt, ct, Yd.shape[0])  # whole Zarr chunks per block: each decoded once
+        bt = _balanced(Yd.shape[0], bt, ct, threads)
     Xd = as_array(X, "X", rows=int(query_rows or p["query_rows"]))
     Yd = as_array(Y, "Y", rows=bt)
     return Xd, Yd, k, p, _store(Y)
+
+
+def _balanced(n, rows, unit, threads):
+    """Training blocks of at most ``rows`` rows, as even as whole ``unit``-row chunks allow.
+
+    Their number is rounded up to a multiple of ``threads`` when the chunks allow it:
+    blocks of equal width finish together, whereas a short last block leaves the other
+    threads idle while it runs.
+
+    Examples
+    --------
+    >>> _balanced(50000, 6138, 682, 2)
+    (5456, 5456, 5456, 5456, 4774, 4774, 4774, 4774, 4774, 4306)
+    """
+    if rows >= n:
+        return (n,)
+    unit = unit or 1
+    units = math.ceil(n / unit)
+    blocks = math.ceil(n / rows)
+    if blocks % threads and blocks + threads - blocks % threads <= units:
+        blocks += threads - blocks % threads
+    if blocks > units:
+        return (rows,) * (n // rows) + ((n % rows,) if n % rows else ())
+    per, extra = divmod(units, blocks)
+    sizes = [(per + (i < extra)) * unit for i in range(blocks)]
+    sizes[-1] -= units * unit - n
+    return tuple(sizes)
 
 
 def _grow_train_rows(p, bt, k, threads, budget, n_train):
@@ -147,11 +177,46 @@ class _named:
         return False
 
 
-def _part(queries, train, start, shift, *, k, margin):
+def _part(queries, train, start, shift, *, k, margin, call):
     """Task: the exact k nearest rows of one training block for one query block."""
+    q = queries[0]
+    return _ranked(lambda q: _topk.knn_block(q, train[0], k, int(start[0]), margin=margin, shift=shift[0],
+                                             work=_work(), board=_board(call, q)), q)
+
+
+# Per query block of a k-NN call, the running bound on every query's k-th distance
+# shared by that call's tasks in this process (kernels.topk.knn_steps, ``board``).
+# Keyed by a token unique to the call, so no other call ever reads it; the oldest go
+# when there are too many (a task that finds its board gone starts a fresh one,
+# which is only less effective).
+_BOARDS = {}
+_BOARDS_LOCK = threading.Lock()
+_BOARDS_MAX_BYTES = 64 * 2**20
+
+
+def _board(call, queries):
+    if call is None:  # a graph without a token of its own shares nothing
+        return None
+    key = (call, queries["offset"])
+    n = queries["xm2"].shape[0]
+    with _BOARDS_LOCK:
+        board = _BOARDS.get(key)
+        if board is None:
+            board = _BOARDS[key] = np.full(n, np.inf)
+            while len(_BOARDS) > 1 and sum(b.nbytes for b in _BOARDS.values()) > _BOARDS_MAX_BYTES:
+                del _BOARDS[next(iter(_BOARDS))]
+        return board
+
+
+def _drop_boards(call):
+    with _BOARDS_LOCK:
+        for key in [key for key in _BOARDS if key[0] == call]:
+            del _BOARDS[key]
+
+
+def _ranked(run, queries):
     try:
-        return _topk.knn_block(queries[0], train[0], k, int(start[0]), margin=margin, shift=shift[0],
-                               work=_work())
+        return run(queries)
     except _topk.NonFiniteRows as e:
         # Carried up the tree, so the error names the bad rows of every block.
         return {"bad": e.rows}
@@ -162,10 +227,35 @@ def _exact_part(queries, train, start, *, k):
     return _topk.exact_topk_block(queries[0], train[0], k, int(start[0]))
 
 
-def _part_from_store(queries, rows, shift, src, *, k, margin):
-    # The task's private read goes into the thread's reused buffer; knn_block returns
-    # only its own small arrays.
-    return _part(queries, [_read(src, rows, _work())], rows, shift, k=k, margin=margin)
+def _part_from_store(queries, rows, shift, src, *, k, margin, call):
+    """Task: like :func:`_part`, reading its training rows step by step.
+
+    Each step is read into the thread's reused buffer, so a task holds one step of
+    rows, never its whole block.
+    """
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    q = queries[0]
+    step = _read_step(_topk.step_rows(q["xm2"].shape[0], src.shape[1], src.dtype.itemsize), src.chunks[0])
+    work = _work()
+
+    def steps():
+        for s in range(start, stop, step):
+            e = min(s + step, stop)
+            yield s, _read(src, (s, e - 1), work)
+
+    return _ranked(lambda q: _topk.knn_steps(q, steps(), k, margin=margin, shift=shift[0], work=work,
+                                             board=_board(call, q)), q)
+
+
+def _read_step(step, chunk):
+    """Rows read per step: whole stored chunks when one fits about a step.
+
+    Zarr decodes a whole chunk for any part of it: steps smaller than a chunk would
+    decode it once per step.
+    """
+    if chunk <= 2 * step:
+        return max(1, round(step / chunk)) * chunk
+    return step
 
 
 def _exact_part_from_store(queries, rows, src, *, k):
@@ -204,11 +294,13 @@ def _flatten(parts):
     return out
 
 
-def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False, store=None):
+def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False, store=None, call=None):
     """Lazy (n_query,) record array of (dist, idx, ok) from the block tasks and the tree.
 
     ``store``: the Zarr array behind ``Yd``, if any; tasks then read their training
-    rows themselves (``Yd`` only gives the block boundaries).
+    rows themselves (``Yd`` only gives the block boundaries).  ``call``: a token
+    unique to this graph, naming the tasks' shared bounds (:func:`_board`); drop them
+    with :func:`_drop_boards` once computed.
     """
     import warnings
     from functools import partial
@@ -235,10 +327,10 @@ def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False, store=None):
                                dtype=object, meta=obj, token="pipeline-knn-query")
         if src is not None:
             parts = da.blockwise(_part_from_store, "ij", queries, "if", starts, "j", shift, "f", src, None,
-                                 k=k, margin=margin, token="pipeline-knn-topk", **common)
+                                 k=k, margin=margin, call=call, token="pipeline-knn-topk", **common)
         else:
             parts = da.blockwise(_part, "ij", queries, "if", Yd, "jf", starts, "j", shift, "f",
-                                 k=k, margin=margin, token="pipeline-knn-topk", **common)
+                                 k=k, margin=margin, call=call, token="pipeline-knn-topk", **common)
     dtype = _topk.record_dtype(k)
     return da.reduction(parts, _identity, partial(_aggregate, k=k), combine=partial(_combine, k=k),
                         axis=1, concatenate=False, dtype=dtype, split_every=split_every,
@@ -313,10 +405,19 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
 
 def _kneighbors(Xd, Yd, k, margin, split_every, store):
     """Squared exact distances and indices: the main pass, then the fallbacks."""
+    calls = [uuid.uuid4().hex, uuid.uuid4().hex]
+    try:
+        return _kneighbors_passes(Xd, Yd, k, margin, split_every, store, calls)
+    finally:
+        for call in calls:
+            _drop_boards(call)
+
+
+def _kneighbors_passes(Xd, Yd, k, margin, split_every, store, calls):
     from .cluster import compute
 
-    (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store),
-                     label="k-NN")
+    (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store,
+                                    call=calls[0]), label="k-NN")
     dist, ind = rec["dist"], rec["idx"]
     bad = np.flatnonzero(~rec["ok"])
     if bad.size:
@@ -327,7 +428,7 @@ def _kneighbors(Xd, Yd, k, margin, split_every, store):
 
         (Xbad,) = compute(Xd[bad])
         wide = _records_graph(as_array(Xbad, "X"), Yd, k, margin=max(32, 4 * (k + margin)),
-                              split_every=split_every, store=store)
+                              split_every=split_every, store=store, call=calls[1])
         (fix,) = compute(wide, label="k-NN (wide margin)")
         dist[bad], ind[bad] = fix["dist"], fix["idx"]
         still = np.flatnonzero(~fix["ok"])

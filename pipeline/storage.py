@@ -220,13 +220,82 @@ def read_rows_into(arr, start, stop, out):
     """``arr[start:stop]`` decoded into ``out`` (a buffer the caller reuses).
 
     The same checks as reading a checked array: a missing chunk (strict arrays) or
-    one that fails to decode raises DataError naming it.
+    one that fails to decode raises DataError naming it.  Uncompressed chunks of a
+    local store are read straight into ``out`` (:func:`_read_raw_rows`).
     """
     from zarr.core.buffer.cpu import NDBuffer
 
+    if _read_raw_rows(arr, start, stop, out):
+        return out
     selection = slice(start, stop)
     _checked_read(arr, selection, lambda: arr.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out)))
     return out
+
+
+def _raw_layout(arr):
+    """(directory, chunk rows, bytes per row) when ``arr``'s chunks are raw row bytes.
+
+    That is a Zarr v3 array on a local store whose only codec is little-endian
+    ``bytes`` (no compression, no transpose) and whose chunks span every column: a
+    chunk file then holds its rows back to back in C order (edge chunks padded to the
+    full chunk shape), so any run of rows is one ``preadv``.  None otherwise.
+    """
+    import sys
+
+    from zarr.codecs import BytesCodec
+    from zarr.storage import LocalStore
+
+    meta = arr.metadata
+    if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore) \
+            or sys.byteorder != "little" or not arr.dtype.isnative:
+        return None
+    codecs = getattr(meta, "codecs", ())
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec) \
+            or (codecs[0].endian is not None and codecs[0].endian.value != "little"):
+        return None
+    if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
+        return None
+    root = Path(arr.store.root) / arr.path if arr.path else Path(arr.store.root)
+    return root, int(arr.chunks[0]), int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+
+
+def _read_raw_rows(arr, start, stop, out):
+    """Read rows ``start:stop`` of raw-byte chunks (:func:`_raw_layout`) into ``out``.
+
+    Zarr would read each chunk file into a fresh buffer, wrap it and copy the rows
+    out: with glibc's mmap threshold held low (:func:`pipeline.cluster._limit_malloc`)
+    every such buffer is page-faulted afresh, twice the cost of the copy.  Returns
+    False, having read nothing that counts, when the layout does not apply or a chunk
+    file is missing or of the wrong size: zarr's path then reads it and raises what
+    it raises (fill values, DataError naming the chunk).
+    """
+    if out.dtype != arr.dtype or not out.flags.c_contiguous or out.shape[0] != stop - start:
+        return False
+    layout = _raw_layout(arr)
+    if layout is None:
+        return False
+    root, rows, row_bytes = layout
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    r = start
+    while r < stop:
+        c = r // rows
+        end = min(stop, (c + 1) * rows)
+        key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+        try:
+            fd = os.open(root / key, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size != rows * row_bytes:
+                return False
+            want = (end - r) * row_bytes
+            got = os.preadv(fd, [view[(r - start) * row_bytes:(end - start) * row_bytes]], (r - c * rows) * row_bytes)
+            if got != want:
+                return False
+        finally:
+            os.close(fd)
+        r = end
+    return True
 
 
 def _checked_read(arr, selection, read):
@@ -601,7 +670,9 @@ def _zarr_rows(arr, rows=None):
     import dask.array as da
 
     rows = rows or arr.chunks[0]
-    return da.from_zarr(arr, chunks=(min(rows, max(arr.shape[0], 1)),) + tuple(arr.shape[1:]))
+    if not isinstance(rows, tuple):  # a tuple gives every block's rows
+        rows = min(rows, max(arr.shape[0], 1))
+    return da.from_zarr(arr, chunks=(rows,) + tuple(arr.shape[1:]))
 
 
 def as_array(X, name="X", rows=None):
@@ -613,9 +684,10 @@ def as_array(X, name="X", rows=None):
         A dataset URL or path opens its ``X``.
     name : str
         Used in error messages.
-    rows : int, optional
-        Rows per chunk.  Zarr-backed data are read straight into chunks of this size
-        (no rechunk layer, so reading fuses into the task that uses the block).
+    rows : int or tuple of int, optional
+        Rows per chunk (a tuple: of each chunk).  Zarr-backed data are read straight
+        into chunks of this size (no rechunk layer, so reading fuses into the task
+        that uses the block).
 
     Raises
     ------

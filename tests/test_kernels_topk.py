@@ -10,7 +10,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from pipeline.kernels.topk import (
     exact_sq_distances,
     exact_topk_block,
+    exact_sq_pairs,
     knn_block,
+    knn_steps,
     merge_knn,
     merge_topk,
     prepare_queries,
@@ -108,6 +110,97 @@ def test_knn_blocks_give_exact_neighbours(dtype, k):
     rd, ri = _ref_topk(ref, k)
     np.testing.assert_array_equal(res["idx"], ri)
     np.testing.assert_allclose(res["dist"], rd, rtol=1e-12)
+
+
+def _finish(parts, X, Y, k):
+    """Merge partial results in the given order and fix the uncertified rows exactly."""
+    res = parts[0]
+    for p in parts[1:]:
+        res = merge_knn(res, p, k)
+    bad = uncertified(res)
+    if bad.size:
+        fix = exact_topk_block(X[bad], Y, k)
+        res["dist"][bad], res["idx"][bad] = fix["dist"], fix["idx"]
+    return res
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_train=st.integers(1, 120),
+    k=st.integers(1, 12),
+    step=st.integers(1, 40),
+    block=st.integers(1, 60),
+    levels=st.sampled_from([2, 5, None]),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_steps_and_shared_bound_give_exact_neighbours(n_train, k, step, block, levels, shared, seed):
+    """Steps of any width, tasks sharing a bound in any order: still the exact k nearest.
+
+    Few distinct values (uint8 levels) put exact ties at every threshold, so a row
+    dropped one comparison too eagerly (``<`` for ``<=``) changes the answer.
+    """
+    rng = np.random.default_rng(seed)
+    k = min(k, n_train)
+    if levels:
+        X = rng.integers(0, levels, (9, 6)).astype(np.uint8)
+        Y = rng.integers(0, levels, (n_train, 6)).astype(np.uint8)
+    else:
+        X = (rng.standard_normal((9, 6)) + 30).astype(np.float32)
+        Y = (rng.standard_normal((n_train, 6)) + 30).astype(np.float32)
+    shift = Y.astype(np.float64).mean(0)
+    q = prepare_queries(X, shift)
+    board = np.full(len(X), np.inf) if shared else None
+    starts = list(range(0, n_train, block))
+    rng.shuffle(starts)  # tasks run in any order
+    parts = [knn_block(q, Y[a:a + block], k, offset=a, margin=1, shift=shift, step=step, board=board)
+             for a in starts]
+    res = _finish(parts, X, Y, k)
+    rd, ri = _ref_topk(cdist(X.astype(np.float64), Y.astype(np.float64), "sqeuclidean"), k)
+    np.testing.assert_array_equal(res["idx"], ri)
+    np.testing.assert_array_equal(res["dist"], rd)
+    if shared:  # the bound is a real k-th distance: never below the true one
+        assert np.all(board >= rd[:, -1])
+
+
+def test_later_steps_rerank_only_rows_that_can_enter_the_list(monkeypatch):
+    """The point of the threshold: after the first step a row is re-ranked only if it
+    can still beat the k-th exact distance, not k + margin rows every step."""
+    import pipeline.kernels.topk as topk
+
+    rng = np.random.default_rng(3)
+    Y = rng.standard_normal((4000, 32)).astype(np.float32)
+    X = rng.standard_normal((50, 32)).astype(np.float32)
+    pairs = []
+    real = topk.exact_sq_pairs
+    monkeypatch.setattr(topk, "exact_sq_pairs", lambda X, Y, r, c, work=None: (pairs.append(r.size),
+                                                                              real(X, Y, r, c, work))[1])
+    q = prepare_queries(X)
+    board = np.full(len(X), np.inf)
+    part = knn_block(q, Y, 5, margin=3, step=200, board=board)
+    assert len(pairs) == 20
+    assert pairs[0] <= 50 * 8  # first step: at most k + margin a query
+    # 19 later steps: k + margin each would be 19 * 400; a random row beats the 5th
+    # best of the rows seen so far with probability ~5 / seen.
+    assert sum(pairs[1:]) < 50 * 5 * 4
+    rd, ri = _ref_topk(cdist(X.astype(np.float64), Y.astype(np.float64), "sqeuclidean"), 5)
+    np.testing.assert_array_equal(part["idx"], ri)
+    # Another task starting from the shared bound re-ranks little more than the 5
+    # true neighbours of each query, far fewer than on its own.
+    alone = sum(pairs)
+    pairs.clear()
+    knn_block(q, Y[::-1].copy(), 5, margin=3, step=200, board=board)
+    assert 50 * 5 <= sum(pairs) < 50 * 6 < alone / 2
+
+
+def test_exact_sq_pairs_matches_cdist_entrywise():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((6, 300)).astype(np.float32) + 1e4
+    Y = rng.standard_normal((9, 300)).astype(np.float32) + 1e4
+    rows = rng.integers(0, 6, 1000)
+    cols = rng.integers(0, 9, 1000)
+    ref = cdist(X.astype(np.float64), Y.astype(np.float64), "sqeuclidean")[rows, cols]
+    np.testing.assert_allclose(exact_sq_pairs(X.astype(np.float64), Y, rows, cols), ref, rtol=1e-13)
 
 
 def test_bound_certifies_clear_cases_and_flags_ties():

@@ -202,3 +202,31 @@ def test_results_are_complete_only_at_the_end(tmp_path):
         storage.open_result_for_write(url, "distances", job="j2")
     with pytest.raises(InputError, match="not a neighbors result"):
         storage.open_result(url, "neighbors")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.float64])
+def test_raw_row_reads_equal_zarr_and_defer_to_it_on_damage(tmp_path, dtype):
+    """Uncompressed local chunks are read straight into the caller's buffer; any run of
+    rows (inside a chunk, across chunks, the padded edge chunk) equals zarr's read,
+    and a damaged or compressed store takes zarr's path, with its errors."""
+    from pipeline.errors import DataError
+
+    rng = np.random.default_rng(0)
+    X = (rng.random((1003, 7)) * 200).astype(dtype)
+    ds = pl.write_dataset(str(tmp_path / "raw.zarr"), X, chunk_rows=100, compressor="none")
+    arr = ds.X_zarr
+    assert storage._raw_layout(arr) is not None
+    for start, stop in [(0, 100), (5, 37), (95, 305), (990, 1003), (0, 1003)]:
+        out = np.full((stop - start, 7), 99, dtype=dtype)
+        assert storage._read_raw_rows(arr, start, stop, out)
+        np.testing.assert_array_equal(out, X[start:stop])
+    zs = pl.write_dataset(str(tmp_path / "zstd.zarr"), X, chunk_rows=100, compressor="zstd")
+    assert storage._raw_layout(zs.X_zarr) is None
+    out = np.empty((50, 7), dtype=dtype)
+    np.testing.assert_array_equal(storage.read_rows_into(zs.X_zarr, 120, 170, out), X[120:170])
+    chunk = tmp_path / "raw.zarr" / "X" / "c" / "3" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-8])  # torn: the wrong size
+    torn = pl.open_dataset(str(tmp_path / "raw.zarr")).X_zarr
+    assert not storage._read_raw_rows(torn, 250, 350, np.empty((100, 7), dtype=dtype))
+    with pytest.raises(DataError, match=r"chunk \(3, 0\)"):
+        storage.read_rows_into(torn, 250, 350, np.empty((100, 7), dtype=dtype))

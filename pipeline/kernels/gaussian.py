@@ -449,7 +449,7 @@ def _pruned_log_prob(X, prepared, work):
             rows = np.flatnonzero(need[:, j])
             if rows.size == 0:
                 continue
-            np.take(X, rows, axis=0, out=xa[:rows.size, :d])
+            np.take(X, rows, axis=0, out=xa[:rows.size, :d], mode="clip")
             out = flat[:rows.size * d].reshape(rows.size, d)
             y = np.matmul(xa[:rows.size], g["pcat"][:, (j - a) * d:(j - a + 1) * d], out=out)
             q[rows, j] = np.einsum("ij,ij->i", y, y)

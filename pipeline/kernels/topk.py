@@ -31,6 +31,9 @@ __all__ = [
     "rerank_exact",
     "prepare_queries",
     "knn_block",
+    "knn_steps",
+    "step_rows",
+    "exact_sq_pairs",
     "exact_topk_block",
     "merge_knn",
     "uncertified",
@@ -66,6 +69,10 @@ _RERANK_BYTES = 2 * 2**20
 _SELECT_ROWS = 64
 # Columns per group whose minimum gives select_smallest its threshold.
 _GROUP = 32
+# Bytes of a k-NN step's buffers (rows as read, centred, ranking block): see step_rows.
+STEP_BYTES = 32 * 2**20
+# Index of an empty slot of a running neighbour list (sorts after every real row).
+_NO_ROW = np.iinfo(np.int64).max
 
 
 def _sort_lists(dist, idx, k):
@@ -225,33 +232,10 @@ def exact_sq_distances(X, Y, cand):
     >>> exact_sq_distances(np.array([[0.0, 0.0]]), np.array([[1.0, 1.0], [3.0, 4.0]]), np.array([[1, 0]]))
     array([[25.,  2.]])
     """
-    X = np.asarray(X)
-    Y = np.asarray(Y)
     cand = np.asarray(cand)
     n, c = cand.shape
-    out = np.empty((n, c), dtype=np.float64)
-    if n == 0 or c == 0:
-        return out
-    d = X.shape[1]
-    # Rows per step: the gathered float64 candidates stay about _RERANK_BYTES (cache
-    # sized), and narrow data take more rows per step (fewer Python iterations).
-    step = int(min(n, max(1, _RERANK_BYTES // max(1, c * d * 8))))
-    # Buffers allocated once per call and reused by every step: fresh allocations of
-    # a few MiB per step would each be a new mmap, page-faulted and zeroed again.
-    G = np.empty((step, c, d), dtype=np.float64)
-    G_in = None if Y.dtype == np.float64 else np.empty((step, c, d), dtype=Y.dtype)
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        g = G[:e - s]
-        if G_in is None:
-            np.take(Y, cand[s:e], axis=0, out=g)
-        else:
-            np.take(Y, cand[s:e], axis=0, out=G_in[:e - s])
-            g[...] = G_in[:e - s]  # exact: float32 and integers fit float64
-        g -= X[s:e, None, :]
-        # Batched dot of each difference with itself: BLAS, float64 accumulation.
-        out[s:e] = np.matmul(g[:, :, None, :], g[:, :, :, None])[..., 0, 0]
-    return out
+    rows = np.repeat(np.arange(n), c)
+    return exact_sq_pairs(X, Y, rows, cand.reshape(-1)).reshape(n, c)
 
 
 def rerank_exact(X, Y, cand, k=None, offset=0):
@@ -296,15 +280,18 @@ def prepare_queries(X, shift=None, upcast=False, offset=0):
         ``xm2``: ``-2 (X - shift)`` in the working dtype (the GEMM then yields
         ``-2 x.y`` with no pass over its output; scaling by 2 is exact); ``xn``: the
         squared row norms of ``X - shift`` (float64); ``x64``: the stored values as
-        float64 (for the exact re-rank); ``upcast``.
+        float64 (for the exact re-rank); ``upcast``; ``offset``, the global index of
+        the first query.
 
     Examples
     --------
     >>> sorted(prepare_queries(np.ones((2, 3), dtype=np.float32)))
-    ['upcast', 'x64', 'xm2', 'xn']
+    ['offset', 'upcast', 'x64', 'xm2', 'xn']
     """
     X = np.asarray(X)
     xc = as_block(X, working_dtype(X.dtype, upcast), shift)
+    if np.shares_memory(xc, X):  # as_block returns X itself when it can; it is scaled below
+        xc = xc.copy()
     xn = row_norms_sq(xc)
     _check_finite(xn, offset)
     xc *= -2
@@ -313,6 +300,7 @@ def prepare_queries(X, shift=None, upcast=False, offset=0):
         "xn": xn,
         "x64": np.ascontiguousarray(X, dtype=np.float64),
         "upcast": bool(upcast),
+        "offset": int(offset),
     }
 
 
@@ -348,8 +336,28 @@ def _error_bound(dtype, n_features):
     return 2 * du / (1 - du) + 8 * u if du < 0.5 else np.inf
 
 
-def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
+def step_rows(n_query, n_features, itemsize):
+    """Training rows per GEMM step of :func:`knn_steps`, for ``n_query`` queries.
+
+    A step's buffers (the rows as read, centred, and the ``(n_query, rows)`` ranking
+    block) are kept about ``STEP_BYTES``: small enough that a thread's first use of
+    them (page faults, ~1-3 ms per MiB on these VMs) is cheap, wide enough for the
+    GEMM to run at full speed (>= 256 columns).
+
+    Examples
+    --------
+    >>> step_rows(1000, 3072, 4)
+    1174
+    """
+    w = max(int(itemsize), 4)
+    per_row = n_features * (int(itemsize) + w) + n_query * w
+    return int(max(256, STEP_BYTES // max(per_row, 1)))
+
+
+def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None, step=None, board=None):
     """Exact ``k`` nearest rows of a training block for every query.
+
+    The block is ranked in steps of ``step`` rows (:func:`knn_steps`).
 
     Parameters
     ----------
@@ -361,19 +369,24 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
     offset : int
         Global index of ``Y``'s first row.
     margin : int
-        Extra approximate candidates re-ranked exactly.
+        Extra approximate candidates re-ranked exactly when a step is selected by rank.
     shift : ndarray of shape (n_features,), optional
     work : dict, optional
-        Scratch buffers kept by the caller between calls (the centred block and the
+        Scratch buffers kept by the caller between calls (the centred rows and the
         ranking block): reusing them spares the page faults and zeroing of fresh
-        allocations of tens of MiB per block.
+        allocations per block.
+    step : int, optional
+        Rows per step (default :func:`step_rows`).
+    board : ndarray, optional
+        See :func:`knn_steps`.
 
     Returns
     -------
     dict
         ``dist`` (n_queries, min(k, n_rows)) exact squared distances, float64,
         ascending; ``idx`` int64 global indices; ``bound`` (n_queries,) lower bound
-        on the exact squared distance of every row not re-ranked.
+        on the exact squared distance of every row that was neither re-ranked nor
+        proved worse than ``k`` rows of the block.
 
     Examples
     --------
@@ -382,38 +395,194 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None):
     >>> part["dist"], part["idx"]
     (array([[1.]]), array([[3]]))
     """
-    xm2, xn = queries["xm2"], queries["xn"]
     Y = np.asarray(Y)
-    m = Y.shape[0]
-    n_cand = min(int(k) + int(margin), m)
-    if shift is None and Y.dtype == xm2.dtype and Y.flags.c_contiguous:
-        yc = Y
-    else:
-        yc = scratch(work, "yc", Y.shape, xm2.dtype)
-        np.subtract(Y, np.zeros(1) if shift is None else np.asarray(shift).astype(xm2.dtype, copy=False),
-                    out=yc, casting="unsafe")
-    # In the working dtype (SIMD, a third of the float64 cost); the error bound
-    # accounts for it.
-    yn = np.einsum("ij,ij->i", yc, yc)
-    _check_finite(yn, offset)
-    # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
-    # along a row, so it is left out of the (n_queries, n_rows) block.
-    S = np.matmul(xm2, yc.T, out=scratch(work, "S", (xm2.shape[0], m), xm2.dtype))
-    S += yn[None, :]
-    del yc
-    if n_cand < m:
-        cand, cut = select_smallest(S, n_cand)
-        # Every dropped row has an approximate distance >= the largest kept one;
-        # its exact distance is at least that minus the rounding-error bound.
-        cut = cut.astype(np.float64) + xn
+    xm2 = queries["xm2"]
+    step = int(step or step_rows(xm2.shape[0], Y.shape[1], Y.dtype.itemsize))
+    steps = ((offset + s, Y[s:s + step]) for s in range(0, Y.shape[0], step))
+    return knn_steps(queries, steps, k, margin=margin, shift=shift, work=work, board=board)
+
+
+def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None):
+    """Exact ``k`` nearest rows among consecutive training steps, for every query.
+
+    Each step is ranked by one GEMM in the working dtype.  The first step keeps the
+    ``k + margin`` best approximate candidates of every query; later steps keep only
+    the rows that could still beat the query's current ``k``-th exact distance (its
+    rounding-error bound says which cannot), usually a handful a step, since a row
+    must be among the best so far to pass.  Kept candidates are re-ranked by exact
+    float64 differences and merged into the running lists.  A query with more
+    candidates than ``k + margin`` in a step is cut by rank, and its ``bound`` records
+    what the cut dropped.  Candidates provably worse than ``k`` others of the same
+    step (lower bound above the step's ``k``-th upper bound) are not re-ranked.
+
+    Parameters
+    ----------
+    queries : dict
+        From :func:`prepare_queries`.
+    steps : iterable of (int, ndarray)
+        ``(offset, rows)``: the global index of the first row and the rows, in their
+        stored dtype.  A step's array may be reused by the caller once the next is
+        requested.
+    k, margin, shift, work
+        As :func:`knn_block`.
+    board : ndarray of shape (n_queries,), float64, optional
+        Shared by the calls that rank other training rows for the same queries: an
+        upper bound on every query's k-th exact distance over the whole training set
+        (any call's k-th exact distance is one, ``inf`` at first).  Each call lowers it
+        as its lists improve and drops the rows it proves worse, so the calls that
+        come later re-rank fewer candidates.  A call may then return fewer than ``k``
+        real rows for a query (empty slots hold ``inf`` and an index that sorts last);
+        the rows it dropped are worse than ``k`` rows another call returns.
+
+    Returns
+    -------
+    dict
+        As :func:`knn_block`.
+    """
+    xm2, xn = queries["xm2"], queries["xn"]
+    n = xm2.shape[0]
+    k = int(k)
+    best_d = np.full((n, k), np.inf)
+    best_i = np.full((n, k), _NO_ROW, dtype=np.int64)
+    bound = np.full(n, np.inf)
+    seen = 0
+    big = np.finfo(np.float64).eps * 4
+    for offset, Y in steps:
+        Y = np.asarray(Y)
+        m = Y.shape[0]
+        if m == 0:
+            continue
+        seen += m
+        if shift is None and Y.dtype == xm2.dtype and Y.flags.c_contiguous:
+            yc = Y
+        else:
+            yc = scratch(work, "yc", Y.shape, xm2.dtype)
+            np.subtract(Y, np.zeros(1) if shift is None else np.asarray(shift).astype(xm2.dtype, copy=False),
+                        out=yc, casting="unsafe")
+        # In the working dtype (SIMD, a third of the float64 cost); the error bound
+        # accounts for it.
+        yn = np.einsum("ij,ij->i", yc, yc)
+        _check_finite(yn, offset)
+        # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
+        # along a row, so it is left out of the (n_queries, m) block.
+        S = np.matmul(xm2, yc.T, out=scratch(work, "S", (n, m), xm2.dtype))
+        S += yn[None, :]
+        del yc
+        # |approximate - exact| <= err for every entry of the row (exact = S + xn).
         err = _error_bound(S.dtype, Y.shape[1]) * (xn + float(yn.max()))
-        bound = cut - err
-    else:
-        cand = np.broadcast_to(np.arange(m), (S.shape[0], m))
-        bound = np.full(S.shape[0], np.inf)
-    del S
-    dist, idx = rerank_exact(queries["x64"], Y, cand, k, offset)
-    return {"dist": dist, "idx": idx, "bound": bound}
+        n_cand = min(k + int(margin), m)
+        kth = best_d[:, k - 1] if board is None else np.minimum(best_d[:, k - 1], board)
+        rank = np.flatnonzero(~np.isfinite(kth))  # fewer than k rows known yet: cut by rank
+        rows, cols = np.empty(0, np.intp), np.empty(0, np.intp)
+        if rank.size < n:
+            # A row can still enter the list only if its lower bound S + xn - err is
+            # at or below the current k-th exact distance.  The threshold is rounded
+            # up (slack for its own rounding, then one ulp of S's dtype): keeping a
+            # row too many costs a re-rank, dropping one too many would be wrong.
+            live = np.flatnonzero(np.isfinite(kth))
+            thr = kth[live] - xn[live] + err[live]
+            thr += big * (np.abs(kth[live]) + xn[live] + err[live])
+            thr = np.nextafter(thr.astype(S.dtype), np.inf)
+            Sl = S if live.size == n else S[live]
+            mask = np.less_equal(Sl, thr[:, None], out=scratch(work, "mask", Sl.shape, np.bool_))
+            flat = np.flatnonzero(mask)  # a handful a row: cheaper than 2-D nonzero
+            r, cols = np.divmod(flat, m)
+            over = np.bincount(r, minlength=live.size) > n_cand  # many: cut by rank instead
+            if over.any():
+                rank = np.concatenate([rank, live[over]])
+                keep = ~over[r]
+                r, cols = r[keep], cols[keep]
+            rows = live[r]
+        if rank.size:
+            Sr = S if rank.size == n else S[rank]
+            if n_cand < m:
+                cand, cut = select_smallest(Sr, n_cand)
+                # Every dropped row has an approximate distance >= the largest kept
+                # one; its exact distance is at least that minus the rounding bound.
+                bound[rank] = np.minimum(bound[rank], cut.astype(np.float64) + xn[rank] - err[rank])
+            else:
+                cand = np.broadcast_to(np.arange(m), (rank.size, m))
+            # Candidates whose lower bound exceeds the k-th smallest upper bound among
+            # the candidates are worse than k rows of this step: no re-rank.
+            s_c = np.take_along_axis(Sr, cand, 1).astype(np.float64)
+            kk = min(k, cand.shape[1])
+            ub = np.partition(s_c, kk - 1, axis=1)[:, kk - 1] + err[rank]
+            r, c = np.nonzero(s_c - err[rank, None] <= ub[:, None])
+            rows = np.concatenate([rows, rank[r]])
+            cols = np.concatenate([cols, cand[r, c]])
+        del S
+        if rows.size:
+            d = exact_sq_pairs(queries["x64"], Y, rows, cols, work)
+            _merge_pairs(best_d, best_i, rows, d, cols.astype(np.int64) + np.int64(offset), k)
+            if board is not None:
+                # Unlocked: a lost update only leaves a larger, still valid bound.
+                np.minimum(board, best_d[:, k - 1], out=board)
+    width = min(k, seen)
+    return {"dist": best_d[:, :width], "idx": best_i[:, :width], "bound": bound}
+
+
+def _merge_pairs(best_d, best_i, rows, dist, idx, k):
+    """Merge (row, dist, idx) triples into the running (n, k) lists, in place."""
+    order = np.argsort(rows, kind="stable")
+    rows, dist, idx = rows[order], dist[order], idx[order]
+    u, start, counts = np.unique(rows, return_index=True, return_counts=True)
+    width = int(counts.max())
+    D = np.full((u.size, width), np.inf)
+    I = np.full((u.size, width), _NO_ROW, dtype=np.int64)
+    slot = np.arange(rows.size) - np.repeat(start, counts)
+    where = np.repeat(np.arange(u.size), counts)
+    D[where, slot] = dist
+    I[where, slot] = idx
+    d, i = _sort_lists(np.concatenate([best_d[u], D], axis=1), np.concatenate([best_i[u], I], axis=1), k)
+    best_d[u], best_i[u] = d, i
+
+
+def exact_sq_pairs(X, Y, rows, cols, work=None):
+    """Exact squared distances between ``X[rows[p]]`` and ``Y[cols[p]]`` for every p.
+
+    Differences of the stored values are taken in float64 (exact for float32 and
+    integer data) and squared and summed in float64: no expansion, no cancellation.
+
+    Examples
+    --------
+    >>> exact_sq_pairs(np.zeros((1, 2)), np.array([[1.0, 1.0], [3.0, 4.0]]), np.array([0, 0]), np.array([1, 0]))
+    array([25.,  2.])
+    """
+    X = np.asarray(X)
+    Y = np.asarray(Y)
+    rows = np.asarray(rows)
+    cols = np.asarray(cols)
+    P = rows.size
+    out = np.empty(P, dtype=np.float64)
+    if P == 0:
+        return out
+    d = X.shape[1]
+    # Pairs per step: the gathered float64 rows stay about _RERANK_BYTES (cache sized).
+    step = int(min(P, max(1, _RERANK_BYTES // max(1, d * 8))))
+    # Buffers reused by every step (and, with ``work``, by the next call): fresh
+    # allocations of a few MiB would each be a new mmap, page-faulted again.
+    G = scratch(work, "pairs_g", (step, d))
+    G_in = None if Y.dtype == np.float64 else scratch(work, "pairs_in", (step, d), Y.dtype)
+    H = scratch(work, "pairs_h", (step, d))
+    # take(mode="clip"): the indices are valid by construction, and the default
+    # mode="raise" writes through a temporary copy of ``out`` (a fresh allocation).
+    for s in range(0, P, step):
+        e = min(s + step, P)
+        g = G[:e - s]
+        if G_in is None:
+            np.take(Y, cols[s:e], axis=0, out=g, mode="clip")
+        else:
+            np.take(Y, cols[s:e], axis=0, out=G_in[:e - s], mode="clip")
+            g[...] = G_in[:e - s]  # exact: float32 and integers fit float64
+        h = H[:e - s]
+        if X.dtype == np.float64:
+            np.take(X, rows[s:e], axis=0, out=h, mode="clip")
+        else:
+            h[...] = X[rows[s:e]]
+        g -= h
+        # Batched dot of each difference with itself: float64 accumulation.
+        out[s:e] = np.matmul(g[:, None, :], g[:, :, None])[:, 0, 0]
+    return out
 
 
 def exact_topk_block(X, Y, k, offset=0):
