@@ -351,7 +351,8 @@ def main(argv=None) -> int:
         if not runs_work:
             _HANDLERS[args.command](args)
             return 0
-        import dask.array  # noqa: F401 - so the idle footprint includes what every run imports
+        if args.command != "knn":  # k-NN builds its graph without dask.array (and scipy)
+            import dask.array  # noqa: F401 - so the idle footprint includes what the run imports
         import zarr  # noqa: F401
 
         from .cluster import connect

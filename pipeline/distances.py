@@ -15,7 +15,6 @@ import numpy as np
 from .errors import InputError
 from .kernels import distances as _kd
 from .kernels import topk as _topk
-from .storage import read_rows as _read_rows
 
 __all__ = ["pairwise_distances", "write_distances"]
 

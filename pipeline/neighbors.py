@@ -32,7 +32,7 @@ import uuid
 
 import numpy as np
 
-from .distances import _align, _read, _shift, _source_key, _store, _thread_buffers, _work
+from .distances import _align, _read, _thread_buffers, _work
 from .errors import InputError
 from .estimator import BaseEstimator
 from .kernels import topk as _topk
@@ -62,38 +62,50 @@ def _check_features(Xd, Yd, xname="X", yname="Y"):
 
 
 def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
-    """Open both sets, validate them, plan the blocks and reopen them in those blocks."""
+    """Open both sets, validate them and plan their blocks.
+
+    Returns ``(X, Y, k, plan, query_blocks, train_blocks)``: the sets as
+    :class:`_Rows`, the blocks as ``(start, stop)`` row ranges.
+    """
     from .budget import parse_budget, plan
     from .cluster import dask_threads
-    from .distances import _open_source, _source_rows
-    from .storage import as_array
+    from .distances import _open_source
 
-    X, Y = _open_source(X), _open_source(Y)
-    Xd = as_array(X, "X")
-    Yd = as_array(Y, "Y")
-    _check_features(Xd, Yd)
-    k = _check_k(k, Yd.shape[0])
-    itemsize = max(Xd.dtype.itemsize, Yd.dtype.itemsize)
+    X, Y = _Rows(_open_source(X), "X"), _Rows(_open_source(Y), "Y")
+    _check_features(X, Y)
+    k = _check_k(k, Y.shape[0])
+    itemsize = max(X.dtype.itemsize, Y.dtype.itemsize)
     budget, threads = parse_budget(memory_budget), dask_threads()
-    shape = dict(n_query=Xd.shape[0], n_train=Yd.shape[0], n_features=Xd.shape[1], k=k, itemsize=itemsize)
+    shape = dict(n_query=X.shape[0], n_train=Y.shape[0], n_features=X.shape[1], k=k, itemsize=itemsize)
     p = plan("knn", memory_budget=budget, threads=threads, **shape)
-    cq, ct = _source_rows(X), _source_rows(Y)
-    if train_rows is None and ct and p["train_rows"] < min(ct, Yd.shape[0]):
+    cq, ct = X.chunk_rows, Y.chunk_rows
+    if train_rows is None and ct and p["train_rows"] < min(ct, Y.shape[0]):
         # Reading any rows decodes whole Zarr chunks: with blocks smaller than a
         # chunk every task transiently holds one, so plan with those set aside.
-        held = threads * ct * Yd.shape[1] * Yd.dtype.itemsize
-        if cq and p["query_rows"] < min(cq, Xd.shape[0]):
-            held += cq * Xd.shape[1] * Xd.dtype.itemsize
+        held = threads * ct * Y.shape[1] * Y.dtype.itemsize
+        if cq and p["query_rows"] < min(cq, X.shape[0]):
+            held += cq * X.shape[1] * X.dtype.itemsize
         p = plan("knn", memory_budget=max(1, budget - held), threads=threads, **shape)
     bt = int(train_rows or p["train_rows"])
     if train_rows is None:
-        bt = _grow_train_rows(p, bt, k, threads, budget, Yd.shape[0])
+        bt = _grow_train_rows(p, bt, k, threads, budget, Y.shape[0])
         if ct:
-            bt = _align(bt, ct, Yd.shape[0])  # whole Zarr chunks per block: each decoded once
-        bt = _balanced(Yd.shape[0], bt, ct, threads)
-    Xd = as_array(X, "X", rows=int(query_rows or p["query_rows"]))
-    Yd = as_array(Y, "Y", rows=bt)
-    return Xd, Yd, k, p, _store(Y)
+            bt = _align(bt, ct, Y.shape[0])  # whole Zarr chunks per block: each decoded once
+        sizes = _balanced(Y.shape[0], bt, ct, threads)
+    else:
+        sizes = _even(Y.shape[0], bt)
+    return X, Y, k, p, _ranges(_even(X.shape[0], int(query_rows or p["query_rows"]))), _ranges(sizes)
+
+
+def _even(n, rows):
+    """Blocks of ``rows`` rows (the last one shorter), as sizes."""
+    return (rows,) * (n // rows) + ((n % rows,) if n % rows else ())
+
+
+def _ranges(sizes):
+    """Sizes as ``(start, stop)`` row ranges."""
+    ends = np.cumsum(sizes).tolist()
+    return [(e - n, e) for n, e in zip(sizes, ends)]
 
 
 def _balanced(n, rows, unit, threads):
@@ -116,7 +128,7 @@ def _balanced(n, rows, unit, threads):
     if blocks % threads and blocks + threads - blocks % threads <= units:
         blocks += threads - blocks % threads
     if blocks > units:
-        return (rows,) * (n // rows) + ((n % rows,) if n % rows else ())
+        return _even(n, rows)
     per, extra = divmod(units, blocks)
     sizes = [(per + (i < extra)) * unit for i in range(blocks)]
     sizes[-1] -= units * unit - n
@@ -149,12 +161,124 @@ def _grow_train_rows(p, bt, k, threads, budget, n_train):
     return lo
 
 
-# ----------------------------------------------------------------------------- graph
+# ----------------------------------------------------------------------------- sources
 
-def _prepare(block, shift, start):
+class _Rows:
+    """Rows ``lo .. hi - 1`` of one input set, as the graph hands them to tasks.
+
+    ``kind`` says where the rows are: ``"zarr"`` (a Zarr array, read inside the tasks
+    that use them: no block is held between tasks), ``"numpy"`` (an in-memory array,
+    one graph key that tasks slice) or ``"dask"`` (a dask array, rechunked to the
+    plan's blocks).  Zarr and NumPy inputs build the graph without dask.array, whose
+    import (with the scipy modules it loads) costs about half a second.
+    """
+
+    def __init__(self, data, name, lo=0, hi=None):
+        import dask
+        import zarr
+
+        from .storage import Dataset, _check_safe
+
+        if isinstance(data, _Rows):
+            data, lo, hi = data.data, data.lo + lo, data.lo + (data.shape[0] if hi is None else hi)
+        if isinstance(data, Dataset):
+            data = data.X_zarr
+        if isinstance(data, zarr.Array):
+            _check_safe(data, name)
+            self.kind = "zarr"
+        elif dask.is_dask_collection(data):
+            self.kind = "dask"
+        else:
+            try:
+                data = np.asarray(data)
+            except Exception as e:  # noqa: BLE001 - anything unconvertible is bad input
+                raise InputError(f"{name} cannot be read as an array: {e}") from None
+            self.kind = "numpy"
+        if data.ndim != 2:
+            raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {data.shape}")
+        if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
+            raise InputError(f"{name} must be numeric, got dtype {data.dtype}")
+        hi = data.shape[0] if hi is None else hi
+        if hi - lo == 0 or data.shape[1] == 0:
+            raise InputError(f"{name} is empty (shape {(hi - lo, data.shape[1])}); it needs at least one row "
+                             "and one feature")
+        self.data, self.name, self.lo, self.hi = data, name, int(lo), int(hi)
+        self.shape = (self.hi - self.lo, int(data.shape[1]))
+        self.dtype = np.dtype(data.dtype)
+        self.chunk_rows = int(data.chunks[0]) if self.kind == "zarr" else None
+
+    def take(self, idx):
+        """Rows ``idx`` (relative) as a NumPy array: the few queries of a fallback pass."""
+        idx = np.asarray(idx) + self.lo
+        if self.kind == "zarr":
+            return np.asarray(self.data.get_orthogonal_selection((idx, slice(None))))
+        rows = self.data[idx]
+        return rows.compute() if self.kind == "dask" else np.asarray(rows)
+
+    def pieces(self, blocks, key, dsk):
+        """Per block ``(a, b)`` (relative rows), the task arguments ``(value, a', b')``.
+
+        A task gets its rows as ``value[a':b']`` (:func:`_rows`) or reads them from the
+        Zarr array ``value``, held by the graph key ``key`` (its metadata and path,
+        never its data) or an in-memory array held by it.  Adds that key to ``dsk``;
+        returns the list and the dask collections the graph depends on.
+        """
+        if self.kind == "dask":
+            sizes = tuple(b - a for a, b in blocks)
+            arr = self.data[self.lo:self.hi]
+            if arr.chunks[1:] != tuple((n,) for n in arr.shape[1:]):
+                arr = arr.rechunk({1: arr.shape[1]})
+            arr = arr.rechunk({0: sizes})
+            keys = [key for row in arr.__dask_keys__() for key in row]
+            return [(key, 0, b - a) for key, (a, b) in zip(keys, blocks)], [arr]
+        dsk[key] = self.data
+        return [(key, self.lo + a, self.lo + b) for a, b in blocks], []
+
+
+def _rows(value, a, b, work=None):
+    """Rows ``a .. b - 1`` of a block value or Zarr array (into ``work``'s buffer if given)."""
+    if isinstance(value, np.ndarray):
+        return value[a:b]
+    return _read(value, (a, b - 1), work)
+
+
+def _steps(value, a, b, step, work):
+    """``(offset, rows)`` steps of ``a .. b - 1``, offsets relative to ``a``.
+
+    From Zarr each step is read into the thread's reused buffer, so a task holds one
+    step of rows, never its whole block.
+    """
+    if isinstance(value, np.ndarray):
+        step = b - a  # in memory already: the kernel steps through views
+    else:
+        step = _read_step(step, value.chunks[0])
+    for s in range(a, b, step):
+        e = min(s + step, b)
+        yield s - a, _rows(value, s, e, work)
+
+
+def _read_step(step, chunk):
+    """Rows read per step: whole stored chunks when one fits about a step.
+
+    Zarr decodes a whole chunk for any part of it: steps smaller than a chunk would
+    decode it once per step.
+    """
+    if chunk <= 2 * step:
+        return max(1, round(step / chunk)) * chunk
+    return step
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def _shift_task(value, a, b):
+    """Task: the centring vector, mean of the first training rows (finite ones), (d,)."""
+    return _topk.finite_mean(_rows(value, a, b))[0]
+
+
+def _prepare(value, a, b, shift, start):
     """Task: one query block, prepared once for every training block."""
     with _named("X (the query set)"):
-        return _topk.prepare_queries(block, shift, offset=int(start[0]))
+        return _topk.prepare_queries(_rows(value, a, b), shift, offset=start)
 
 
 class _named:
@@ -177,11 +301,26 @@ class _named:
         return False
 
 
-def _part(queries, train, start, shift, *, k, margin, call):
-    """Task: the exact k nearest rows of one training block for one query block."""
-    q = queries[0]
-    return _ranked(lambda q: _topk.knn_block(q, train[0], k, int(start[0]), margin=margin, shift=shift[0],
-                                             work=_work(), board=_board(call, q)), q)
+def _part(queries, value, a, b, start, shift, *, k, margin, call):
+    """Task: the exact k nearest rows of one training block for one query block.
+
+    Steps through the block (:func:`kernels.topk.knn_steps`); indices are global
+    (``start`` is the block's first training row).
+    """
+    work = _work()
+    step = _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize)
+    steps = ((start + s, rows) for s, rows in _steps(value, a, b, step, work))
+    try:
+        return _topk.knn_steps(queries, steps, k, margin=margin, shift=shift, work=work,
+                               board=_board(call, queries))
+    except _topk.NonFiniteRows as e:
+        # Carried up the tree, so the error names the bad rows of every block.
+        return {"bad": e.rows}
+
+
+def _exact_part(qvalue, qa, qb, value, a, b, start, *, k):
+    """Task of the exact fallback: exact differences against every training row."""
+    return _topk.exact_topk_block(_rows(qvalue, qa, qb), _rows(value, a, b), k, start)
 
 
 # Per query block of a k-NN call, the running bound on every query's k-th distance
@@ -214,60 +353,8 @@ def _drop_boards(call):
             del _BOARDS[key]
 
 
-def _ranked(run, queries):
-    try:
-        return run(queries)
-    except _topk.NonFiniteRows as e:
-        # Carried up the tree, so the error names the bad rows of every block.
-        return {"bad": e.rows}
-
-
-def _exact_part(queries, train, start, *, k):
-    """Task of the exact fallback: exact differences against every training row."""
-    return _topk.exact_topk_block(queries[0], train[0], k, int(start[0]))
-
-
-def _part_from_store(queries, rows, shift, src, *, k, margin, call):
-    """Task: like :func:`_part`, reading its training rows step by step.
-
-    Each step is read into the thread's reused buffer, so a task holds one step of
-    rows, never its whole block.
-    """
-    start, stop = int(rows[0]), int(rows[-1]) + 1
-    q = queries[0]
-    step = _read_step(_topk.step_rows(q["xm2"].shape[0], src.shape[1], src.dtype.itemsize), src.chunks[0])
-    work = _work()
-
-    def steps():
-        for s in range(start, stop, step):
-            e = min(s + step, stop)
-            yield s, _read(src, (s, e - 1), work)
-
-    return _ranked(lambda q: _topk.knn_steps(q, steps(), k, margin=margin, shift=shift[0], work=work,
-                                             board=_board(call, q)), q)
-
-
-def _read_step(step, chunk):
-    """Rows read per step: whole stored chunks when one fits about a step.
-
-    Zarr decodes a whole chunk for any part of it: steps smaller than a chunk would
-    decode it once per step.
-    """
-    if chunk <= 2 * step:
-        return max(1, round(step / chunk)) * chunk
-    return step
-
-
-def _exact_part_from_store(queries, rows, src, *, k):
-    return _exact_part(queries, [_read(src, rows)], rows, k=k)
-
-
-def _identity(x, axis=None, keepdims=None):
-    return x
-
-
-def _combine(parts, axis=None, keepdims=None, *, k):
-    parts = _flatten(parts)
+def _combine(parts, *, k):
+    """Task of the merge tree: a list of partial lists (or NaN reports) merged into one."""
     bad = [p["bad"] for p in parts if "bad" in p]
     if bad:
         return {"bad": np.sort(np.concatenate(bad))}
@@ -277,7 +364,8 @@ def _combine(parts, axis=None, keepdims=None, *, k):
     return out
 
 
-def _aggregate(parts, axis=None, keepdims=None, *, k):
+def _aggregate(parts, *, k):
+    """Task at the root of a query block's tree: the merged lists as records."""
     out = _combine(parts, k=k)
     if "bad" in out:
         with _named("Y (the training set)"):
@@ -285,56 +373,73 @@ def _aggregate(parts, axis=None, keepdims=None, *, k):
     return _topk.knn_records(out)
 
 
-def _flatten(parts):
-    if isinstance(parts, dict):
-        return [parts]
-    out = []
-    for p in parts:
-        out.extend(_flatten(p))
-    return out
+def _concat(records):
+    return np.concatenate(records)
 
 
-def _records_graph(Xd, Yd, k, *, margin, split_every, exact=False, store=None, call=None):
-    """Lazy (n_query,) record array of (dist, idx, ok) from the block tasks and the tree.
+# ----------------------------------------------------------------------------- graph
 
-    ``store``: the Zarr array behind ``Yd``, if any; tasks then read their training
-    rows themselves (``Yd`` only gives the block boundaries).  ``call``: a token
-    unique to this graph, naming the tasks' shared bounds (:func:`_board`); drop them
-    with :func:`_drop_boards` once computed.
+def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, exact=False, call=None):
+    """Lazy (n_query,) record array of (dist, idx, ok): block tasks and a merge tree.
+
+    ``X``, ``Y``: :class:`_Rows`; ``query_blocks``, ``train_blocks``: ``(a, b)`` row
+    ranges.  Tasks are named ``pipeline-knn-<stage>`` (dashboard, Prometheus).
+    ``call``: a token unique to this graph, naming the tasks' shared bounds
+    (:func:`_board`); drop them with :func:`_drop_boards` once computed.
     """
-    import warnings
     from functools import partial
 
-    import dask.array as da
-    from dask.array.core import PerformanceWarning
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
 
-    warnings.filterwarnings("ignore", category=PerformanceWarning, module=__name__)
-    src = _source_key(store, "pipeline-knn-source")
-    starts = da.arange(Yd.shape[0], chunks=Yd.chunks[0], dtype=np.int64)
-    obj = np.empty((0, 0), dtype=object)
-    common = dict(concatenate=False, dtype=object, meta=obj)
+    tok = call or uuid.uuid4().hex
+    dsk = {}
+    ys, deps = Y.pieces(train_blocks, f"pipeline-knn-train-{tok}", dsk)
+    xs, xdeps = X.pieces(query_blocks, f"pipeline-knn-queries-{tok}", dsk)
+    deps += xdeps
+    starts = [a for a, _ in train_blocks]
+    trees = []
     if exact:
-        if src is not None:
-            parts = da.blockwise(_exact_part_from_store, "ij", Xd, "if", starts, "j", src, None, k=k,
-                                 token="pipeline-knn-exact", **common)
-        else:
-            parts = da.blockwise(_exact_part, "ij", Xd, "if", Yd, "jf", starts, "j", k=k,
-                                 token="pipeline-knn-exact", **common)
+        task = partial(_exact_part, k=k)
+        for i, xq in enumerate(xs):
+            trees.append([])
+            for j, yt in enumerate(ys):
+                key = (f"pipeline-knn-exact-{tok}", i, j)
+                dsk[key] = (task, *xq, *yt, starts[j])
+                trees[-1].append(key)
     else:
-        shift = _shift(Yd, src, "pipeline-knn")
-        qstarts = da.arange(Xd.shape[0], chunks=Xd.chunks[0], dtype=np.int64)
-        queries = da.blockwise(_prepare, "if", Xd, "if", shift, "f", qstarts, "i",
-                               dtype=object, meta=obj, token="pipeline-knn-query")
-        if src is not None:
-            parts = da.blockwise(_part_from_store, "ij", queries, "if", starts, "j", shift, "f", src, None,
-                                 k=k, margin=margin, call=call, token="pipeline-knn-topk", **common)
-        else:
-            parts = da.blockwise(_part, "ij", queries, "if", Yd, "jf", starts, "j", shift, "f",
-                                 k=k, margin=margin, call=call, token="pipeline-knn-topk", **common)
-    dtype = _topk.record_dtype(k)
-    return da.reduction(parts, _identity, partial(_aggregate, k=k), combine=partial(_combine, k=k),
-                        axis=1, concatenate=False, dtype=dtype, split_every=split_every,
-                        name="pipeline-knn-merge", meta=np.empty((0,), dtype=dtype))
+        # The centring vector: the mean of the first training rows.  1024 rows put it
+        # well inside the data's spread, all the GEMM's accuracy needs (distances are
+        # re-ranked exactly whatever the shift); it is on the critical path, so small.
+        shift = (f"pipeline-knn-shift-{tok}",)
+        value, a, b = ys[0]
+        dsk[shift] = (_shift_task, value, a, min(b, a + 1024))
+        task = partial(_part, k=k, margin=margin, call=call)
+        for i, (xq, (qa, _)) in enumerate(zip(xs, query_blocks)):
+            q = (f"pipeline-knn-query-{tok}", i)
+            dsk[q] = (_prepare, *xq, shift, qa)
+            trees.append([])
+            for j, yt in enumerate(ys):
+                key = (f"pipeline-knn-topk-{tok}", i, j)
+                dsk[key] = (task, q, *yt, starts[j], shift)
+                trees[-1].append(key)
+    roots = []
+    combine, aggregate = partial(_combine, k=k), partial(_aggregate, k=k)
+    for i, level in enumerate(trees):
+        depth = 0
+        while len(level) > split_every:
+            nxt = []
+            for g in range(0, len(level), split_every):
+                key = (f"pipeline-knn-merge-{tok}", i, depth, g // split_every)
+                dsk[key] = (combine, level[g:g + split_every])
+                nxt.append(key)
+            level, depth = nxt, depth + 1
+        root = (f"pipeline-knn-records-{tok}", i)
+        dsk[root] = (aggregate, level)
+        roots.append(root)
+    final = f"pipeline-knn-result-{tok}"
+    dsk[final] = (_concat, roots)
+    return Delayed(final, HighLevelGraph.from_collections(final, dsk, dependencies=deps))
 
 
 def _default_margin(k):
@@ -394,47 +499,46 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     >>> ind.tolist(), np.round(dist, 3).tolist()
     ([[1, 0]], [[0.1, 0.9]])
     """
-    Xd, Yd, k, _plan, store = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
+    X, Y, k, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
     margin = _default_margin(k) if margin is None else int(margin)
-    split_every = split_every or _SPLIT_EVERY
+    split_every = max(2, int(split_every or _SPLIT_EVERY))
     with _thread_buffers():
-        dist, ind = _kneighbors(Xd, Yd, k, margin, split_every, store)
+        dist, ind = _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks)
     dist = np.sqrt(dist)
     return (dist, ind) if return_distance else ind
 
 
-def _kneighbors(Xd, Yd, k, margin, split_every, store):
+def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks):
     """Squared exact distances and indices: the main pass, then the fallbacks."""
     calls = [uuid.uuid4().hex, uuid.uuid4().hex]
     try:
-        return _kneighbors_passes(Xd, Yd, k, margin, split_every, store, calls)
+        return _kneighbors_passes(X, Y, k, margin, split_every, qblocks, tblocks, calls)
     finally:
         for call in calls:
             _drop_boards(call)
 
 
-def _kneighbors_passes(Xd, Yd, k, margin, split_every, store, calls):
+def _kneighbors_passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
     from .cluster import compute
 
-    (rec,) = compute(_records_graph(Xd, Yd, k, margin=margin, split_every=split_every, store=store,
-                                    call=calls[0]), label="k-NN")
+    common = dict(split_every=split_every, train_blocks=tblocks)
+    (rec,) = compute(_records_graph(X, Y, k, margin=margin, query_blocks=qblocks, call=calls[0], **common),
+                     label="k-NN")
     dist, ind = rec["dist"], rec["idx"]
     bad = np.flatnonzero(~rec["ok"])
     if bad.size:
         # A few queries had (near-)ties across the candidate cut: redo them with a wide
         # margin, and whatever is still uncertified (exact ties beyond it) by exact
         # differences against every training row.  Both passes hold only these rows.
-        from .storage import as_array
-
-        (Xbad,) = compute(Xd[bad])
-        wide = _records_graph(as_array(Xbad, "X"), Yd, k, margin=max(32, 4 * (k + margin)),
-                              split_every=split_every, store=store, call=calls[1])
+        Xbad = X.take(bad)
+        wide = _records_graph(_Rows(Xbad, "X"), Y, k, margin=max(32, 4 * (k + margin)),
+                              query_blocks=[(0, bad.size)], call=calls[1], **common)
         (fix,) = compute(wide, label="k-NN (wide margin)")
         dist[bad], ind[bad] = fix["dist"], fix["idx"]
         still = np.flatnonzero(~fix["ok"])
         if still.size:
-            (fix,) = compute(_records_graph(as_array(Xbad[still], "X"), Yd, k, margin=0,
-                                            split_every=split_every, exact=True, store=store),
+            (fix,) = compute(_records_graph(_Rows(Xbad[still], "X"), Y, k, margin=0, exact=True,
+                                            query_blocks=[(0, still.size)], **common),
                              label="k-NN (exact pass)")
             dist[bad[still]], ind[bad[still]] = fix["dist"], fix["idx"]
     return dist, ind
@@ -497,13 +601,13 @@ class KNeighborsClassifier(BaseEstimator):
         -------
         self
         """
-        from .storage import Dataset, as_array, as_labels, open_dataset
+        from .storage import Dataset, as_labels, open_dataset
 
         self._validate_params()
         src = open_dataset(X) if isinstance(X, (str,)) or hasattr(X, "__fspath__") else X
-        Xd = as_array(src, "X")
+        Xd = _Rows(src, "X")
         if y is None and isinstance(src, Dataset):
-            y = src.y
+            y = src if src.y_zarr is not None else None
         if y is None:
             raise InputError(
                 "KNeighborsClassifier.fit needs training labels: pass y, or a dataset that holds labels 'y'"
@@ -606,15 +710,14 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     """
     from .budget import plan
     from .cluster import dask_threads
-    from .storage import (Dataset, _test_pause, as_array, done_record, job_fingerprint, mark_complete,
-                          open_dataset, open_result_for_write, pending_blocks, release_lock,
-                          source_identity)
+    from .storage import (Dataset, _test_pause, done_record, job_fingerprint, mark_complete, open_dataset,
+                          open_result_for_write, pending_blocks, release_lock, source_identity)
 
     if weights not in ("uniform", "distance"):
         raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
     qsrc = open_dataset(query) if isinstance(query, str) or hasattr(query, "__fspath__") else query
     tsrc = open_dataset(train) if isinstance(train, str) or hasattr(train, "__fspath__") else train
-    qd, td = as_array(qsrc, "QUERY"), as_array(tsrc, "TRAIN")
+    qd, td = _Rows(qsrc, "QUERY"), _Rows(tsrc, "TRAIN")
     _check_features(qd, td, "QUERY", "TRAIN")
     k = _check_k(k, td.shape[0], "k")
     n = int(qd.shape[0])
@@ -632,10 +735,10 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
             summary["accuracy"] = attrs["accuracy"]
         summary["output"] = str(out)
         return summary
-    ytrain = tsrc.y if isinstance(tsrc, Dataset) else None
+    ytrain = tsrc.y_zarr if isinstance(tsrc, Dataset) else None
     classes = enc = None
     if ytrain is not None:
-        classes, enc = np.unique(np.asarray(ytrain.compute()), return_inverse=True)
+        classes, enc = np.unique(np.asarray(ytrain[...]), return_inverse=True)
     if status == "resume" and "indices" in group:
         rows = int(group["indices"].chunks[0])  # the pieces the result was started with
     else:
@@ -650,19 +753,14 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     n_pieces = math.ceil(n / rows)
     done = done_record(group, (n_pieces,))
     todo = pending_blocks(done)
-    qz = qsrc.X_zarr if isinstance(qsrc, Dataset) else None
-    if qz is not None:
-        import dask.array as da
-
-        qd = da.from_zarr(qz, chunks=(rows, qz.shape[1]))  # each piece: one block, read in its tasks
     for (piece,) in todo:
         a, b = piece * rows, min(n, (piece + 1) * rows)
         try:
             if n_pieces == 1:
-                dist, ind = kneighbors(qsrc, tsrc, k, memory_budget=memory_budget)
-            else:
-                dist, ind = kneighbors(qd[a:b], tsrc, k, memory_budget=memory_budget,
-                                       query_rows=b - a if qz is not None else None)
+                dist, ind = kneighbors(qd, td, k, memory_budget=memory_budget)
+            else:  # each piece: one query block, read in its tasks
+                dist, ind = kneighbors(_Rows(qd, "QUERY", a, b), td, k, memory_budget=memory_budget,
+                                       query_rows=b - a if qd.kind == "zarr" else None)
         except InputError as e:
             release_lock(str(out))  # left incomplete: any process may resume it now
             raise _absolute_rows(e, a) from None
@@ -679,9 +777,9 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
                "queries": n, "k": k, "pieces": n_pieces, "pieces_written": len(todo),
                "pieces_kept": n_pieces - len(todo)}
     attrs = {"n_query": n, "n_train": int(td.shape[0]), "k": k, "weights": weights}
-    yq = qsrc.y if isinstance(qsrc, Dataset) else None
+    yq = qsrc.y_zarr if isinstance(qsrc, Dataset) else None
     if classes is not None and yq is not None:
-        acc = float(np.mean(group["predictions"][...] == np.asarray(yq.compute())))
+        acc = float(np.mean(group["predictions"][...] == np.asarray(yq[...])))
         attrs["accuracy"] = acc
         summary["accuracy"] = round(acc, 6)
     summary["output"] = str(out)

@@ -586,29 +586,46 @@ class Dataset:
     url : str
     X : dask.array.Array of shape (n_samples, n_features)
         In the stored dtype (integer images stay integer; kernels convert per block).
+        Made on first use (k-NN reads ``X_zarr`` itself and never imports dask.array).
     y : dask.array.Array of shape (n_samples,) or None
     attrs : dict
         The group's ``pipeline`` attribute.
+    X_zarr, y_zarr : zarr.Array
+        The stored arrays (``y_zarr`` None without labels).
     """
 
     url: str
-    X: object
-    y: object
     attrs: dict
     X_zarr: object
     y_zarr: object
 
     @property
+    def X(self):
+        return self._lazy("X", self.X_zarr)
+
+    @property
+    def y(self):
+        return None if self.y_zarr is None else self._lazy("y", self.y_zarr)
+
+    def _lazy(self, name, arr):
+        import dask.array as da
+
+        cache = self.__dict__.setdefault("_dask", {})  # frozen: set through __dict__
+        if name not in cache:
+            cache[name] = da.from_zarr(arr)
+        return cache[name]
+
+    @property
     def n_samples(self) -> int:
-        return self.X.shape[0]
+        return self.X_zarr.shape[0]
 
     @property
     def n_features(self) -> int:
-        return self.X.shape[1]
+        return self.X_zarr.shape[1]
 
     def __repr__(self):
-        y = f", y {self.y.dtype}" if self.y is not None else ""
-        return (f"Dataset({self.url!r}, X {self.X.shape} {self.X.dtype} in chunks of "
+        y = f", y {self.y_zarr.dtype}" if self.y_zarr is not None else ""
+        return (f"Dataset({self.url!r}, X {self.X_zarr.shape} {self.X_zarr.dtype} in chunks of "
                 f"{self.X_zarr.chunks[0]} rows{y})")
 
 
@@ -636,8 +653,6 @@ def open_dataset(url) -> Dataset:
     >>> ds.X.shape                                       # doctest: +SKIP
     (1000, 8)
     """
-    import dask.array as da
-
     url = _url(url)
     g = _open_group(url)
     attrs = dict(g.attrs.get("pipeline", {}))
@@ -655,15 +670,13 @@ def open_dataset(url) -> Dataset:
         )
     if attrs.get("every_chunk_stored"):
         X = _checked(X, strict=True)  # reads check that their chunks exist
-    y = None
     yz = _member(g, "y", f"array 'y' of {url!r}")
     if yz is not None:
         if yz.shape != (X.shape[0],):
             raise InputError(f"labels 'y' of {url!r} have shape {yz.shape}; expected ({X.shape[0]},)")
         if attrs.get("every_chunk_stored"):
             yz = _checked(yz, strict=True)
-        y = da.from_zarr(yz)
-    return Dataset(url, da.from_zarr(X), y, attrs, X, yz)
+    return Dataset(url, attrs, X, yz)
 
 
 def _zarr_rows(arr, rows=None):
@@ -759,18 +772,15 @@ def as_labels(y, n, name="y"):
 
     Labels are small (8 bytes a row), so they are held in memory.
     """
-    import dask.array as da
+    import dask
 
     if isinstance(y, (str, Path)):
-        ds = open_dataset(y)
-        if ds.y is None:
-            raise InputError(f"dataset {ds.url!r} has no labels 'y'")
-        y = ds.y
+        y = open_dataset(y)
     if isinstance(y, Dataset):
-        if y.y is None:
+        if y.y_zarr is None:
             raise InputError(f"dataset {y.url!r} has no labels 'y'")
-        y = y.y
-    if isinstance(y, da.Array):
+        y = y.y_zarr[...]
+    if dask.is_dask_collection(y):
         y = y.compute()
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n:

@@ -119,10 +119,13 @@ def test_graph_keys_and_no_data_embedded(tmp_path):
     rng = np.random.default_rng(3)
     pl.write_dataset(tmp_path / "t.zarr", rng.standard_normal((3000, 16)), chunk_rows=500)
     pl.write_dataset(tmp_path / "q.zarr", rng.standard_normal((100, 16)), chunk_rows=100)
-    Xd, Yd, k, _, store = _arrays(str(tmp_path / "q.zarr"), str(tmp_path / "t.zarr"), "64MiB", 5, None, 500)
-    g = _records_graph(Xd, Yd, k, margin=3, split_every=4, store=store)
+    X, Y, k, _, qblocks, tblocks = _arrays(str(tmp_path / "q.zarr"), str(tmp_path / "t.zarr"), "64MiB", 5,
+                                           None, 500)
+    assert tblocks == [(a, a + 500) for a in range(0, 3000, 500)]
+    g = _records_graph(X, Y, k, margin=3, split_every=4, query_blocks=qblocks, train_blocks=tblocks,
+                       call="test")
     names = {key[0] if isinstance(key, tuple) else key for key in g.__dask_graph__()}
-    assert any(n.startswith("pipeline-knn-topk-") for n in names)
+    assert sum(n.startswith("pipeline-knn-topk-") for n in names) == 1  # one name, 6 keys
     assert any(n.startswith("pipeline-knn-merge") for n in names)
     assert any(n.startswith("pipeline-knn-query-") for n in names)
     # Chunk references only: the pickled graph is far smaller than the data (384 KB).
@@ -277,9 +280,9 @@ def test_uncertified_rows_go_through_wide_then_exact_pass(monkeypatch):
     calls = []
     real = nb._records_graph
 
-    def spy(Xd, Yd, k, **kw):
-        calls.append((Xd.shape[0], kw["margin"], kw.get("exact", False)))
-        return real(Xd, Yd, k, **kw)
+    def spy(X, Y, k, **kw):
+        calls.append((X.shape[0], kw["margin"], kw.get("exact", False)))
+        return real(X, Y, k, **kw)
 
     monkeypatch.setattr(nb, "_records_graph", spy)
     rng = np.random.default_rng(7)
@@ -310,3 +313,27 @@ def test_cli_knn_as_a_real_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "knn", te, str(tmp_path / "missing.zarr"),
                         str(tmp_path / "p.zarr"), "--no-progress"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_knn_from_zarr_never_imports_dask_array(tmp_path):
+    """dask.array (and the scipy modules it loads when scipy is installed) costs about
+    half a second of import: k-NN on stores builds its graph without it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(12)
+    Y, X = rng.standard_normal((500, 8)), rng.standard_normal((20, 8))
+    pl.write_dataset(str(tmp_path / "t.zarr"), Y, y=np.arange(500) % 3, chunk_rows=100)
+    pl.write_dataset(str(tmp_path / "q.zarr"), X, chunk_rows=20)
+    code = (f"import sys, pipeline as pl\n"
+            f"d, i = pl.kneighbors({str(tmp_path / 'q.zarr')!r}, {str(tmp_path / 't.zarr')!r}, 3)\n"
+            f"clf = pl.KNeighborsClassifier(3).fit({str(tmp_path / 't.zarr')!r})\n"
+            f"p = clf.predict({str(tmp_path / 'q.zarr')!r})\n"
+            f"print(i.tolist(), p.tolist(), 'dask.array' in sys.modules, 'scipy' in sys.modules)")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rd, ri = _ref(X, Y, 3)
+    assert r.stdout.strip().endswith("False False"), r.stdout
+    assert r.stdout.startswith(str(ri.tolist())), r.stdout
