@@ -434,12 +434,12 @@ def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, 
                 dsk[key] = (combine, level[g:g + split_every])
                 nxt.append(key)
             level, depth = nxt, depth + 1
-        root = (f"pipeline-knn-records-{tok}", i)
+        root = (f"pipeline-knn-merge-{tok}", i)
         dsk[root] = (aggregate, level)
         roots.append(root)
-    final = f"pipeline-knn-result-{tok}"
+    final = (f"pipeline-knn-merge-{tok}",)
     dsk[final] = (_concat, roots)
-    return Delayed(final, HighLevelGraph.from_collections(final, dsk, dependencies=deps))
+    return Delayed(final, HighLevelGraph.from_collections(final[0], dsk, dependencies=deps), layer=final[0])
 
 
 def _default_margin(k):

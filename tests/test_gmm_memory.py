@@ -7,9 +7,6 @@ modules (what ``memory_budget`` promises, DESIGN.md "Memory budget").
 """
 
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,6 @@ from pipeline.kernels.topk import (
     exact_topk_block,
     exact_sq_pairs,
     knn_block,
-    knn_steps,
     merge_knn,
     merge_topk,
     prepare_queries,

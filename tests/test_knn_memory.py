@@ -50,8 +50,8 @@ def train_on_disk(tmp_path_factory):
     d = tmp_path_factory.mktemp("knn-mem")
     train = pl.make_blobs(str(d / "train.zarr"), 100_000, 1024, centers=10, dtype="float32",
                           random_state=0, chunk_rows=1024)
-    test = pl.make_blobs(str(d / "test.zarr"), 200, 1024, centers=10, dtype="float32",
-                         random_state=1, chunk_rows=200)
+    pl.make_blobs(str(d / "test.zarr"), 200, 1024, centers=10, dtype="float32",
+                  random_state=1, chunk_rows=200)
     assert train.X.nbytes >= 4 * BUDGET
     return str(d / "test.zarr"), str(d / "train.zarr")
 
