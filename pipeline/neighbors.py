@@ -1,21 +1,27 @@
 """Exact k nearest neighbours out of core: streaming top-k, kneighbors, a classifier.
 
-Graph (no numerics here; the kernels are in :mod:`pipeline.kernels.topk`):
+Graph (no numerics here; the kernels are in :mod:`pipeline.kernels.topk`), plain dask
+with no dask.array, whose import (and the scipy modules it loads) would cost about
+half a second of every k-NN run.  Inputs are :class:`_Rows`: a Zarr array read inside
+the tasks, an in-memory array (one key) or a dask array's blocks.
 
-* ``pipeline-knn-shift``: the mean of the first training block, a (d,) vector, one
+* ``pipeline-knn-shift``: the mean of the first training rows, a (d,) vector, one
   shared key.  Both sets are centred on it before the GEMM, which keeps the float32
   expansion accurate for data far from the origin (distances are translation
   invariant, any shift near the data will do).
 * ``pipeline-knn-query``: one task per query block prepares it once (``-2 (x - s)`` in
   the working dtype, a float64 copy for the exact re-rank, row norms, a finiteness
   check).
-* ``pipeline-knn-topk``: one task per (query block, training block): reads its own
-  training rows from Zarr (no block is held between tasks or shared by the tasks of
-  several query blocks), one GEMM, ``k + margin`` approximate candidates, exact float64
-  re-rank, the ``k`` best with global indices and a lower bound on everything dropped.
-* ``pipeline-knn-merge``: a ``dask.array.reduction`` tree (chunk / combine / aggregate)
-  merges the partial lists of each query block; ``merge_knn`` is associative and
-  commutative, so ``split_every`` changes only the tree, not the result.
+* ``pipeline-knn-topk``: one task per (query block, training block) walks its training
+  rows in steps (:func:`pipeline.kernels.topk.knn_steps`), each read from Zarr into the
+  thread's reused buffer (no block is held between tasks or shared by the tasks of
+  several query blocks): a GEMM per step, exact float64 re-rank of the few rows that
+  can still enter the lists, the ``k`` best with global indices and a lower bound on
+  everything dropped by rank.  The tasks of a call share each query's best k-th
+  distance so far (:func:`_board`).
+* ``pipeline-knn-merge``: a tree (chunk / combine / aggregate) merges the partial
+  lists of each query block; ``merge_knn`` is associative and commutative, so
+  ``split_every`` changes only the tree, not the result.
 
 The plan prefers one query block holding every query (the training set is read
 exactly once).  A query whose k-th exact distance is not strictly below the bound of
@@ -196,6 +202,9 @@ class _Rows:
             self.kind = "numpy"
         if data.ndim != 2:
             raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {data.shape}")
+        if any(math.isnan(n) for n in data.shape):
+            raise InputError(f"{name} has unknown chunk sizes (shape {data.shape}); call "
+                             "compute_chunk_sizes() on the dask array first")
         if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
             raise InputError(f"{name} must be numeric, got dtype {data.dtype}")
         hi = data.shape[0] if hi is None else hi
@@ -248,9 +257,7 @@ def _steps(value, a, b, step, work):
     From Zarr each step is read into the thread's reused buffer, so a task holds one
     step of rows, never its whole block.
     """
-    if isinstance(value, np.ndarray):
-        step = b - a  # in memory already: the kernel steps through views
-    else:
+    if not isinstance(value, np.ndarray):  # in memory already: views, no alignment
         step = _read_step(step, value.chunks[0])
     for s in range(a, b, step):
         e = min(s + step, b)
@@ -325,11 +332,14 @@ def _exact_part(qvalue, qa, qb, value, a, b, start, *, k):
 
 # Per query block of a k-NN call, the running bound on every query's k-th distance
 # shared by that call's tasks in this process (kernels.topk.knn_steps, ``board``).
-# Keyed by a token unique to the call, so no other call ever reads it; the oldest go
-# when there are too many (a task that finds its board gone starts a fresh one,
-# which is only less effective).
+# Keyed by a token unique to the call, so no other call ever reads it.  The client
+# drops a call's boards when it ends; a cluster's workers cannot be told, so the
+# oldest go once there are more than _BOARDS_MAX or they hold more than
+# _BOARDS_MAX_BYTES (a task that finds its board gone starts a fresh one, which is
+# only less effective).
 _BOARDS = {}
 _BOARDS_LOCK = threading.Lock()
+_BOARDS_MAX = 16
 _BOARDS_MAX_BYTES = 64 * 2**20
 
 
@@ -342,8 +352,9 @@ def _board(call, queries):
         board = _BOARDS.get(key)
         if board is None:
             board = _BOARDS[key] = np.full(n, np.inf)
-            while len(_BOARDS) > 1 and sum(b.nbytes for b in _BOARDS.values()) > _BOARDS_MAX_BYTES:
-                del _BOARDS[next(iter(_BOARDS))]
+            while len(_BOARDS) > 1 and (len(_BOARDS) > _BOARDS_MAX
+                                        or sum(b.nbytes for b in _BOARDS.values()) > _BOARDS_MAX_BYTES):
+                del _BOARDS[next(iter(_BOARDS))]  # dicts keep insertion order: the oldest
         return board
 
 
@@ -455,8 +466,9 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     """Exact k nearest training rows of every query row, out of core.
 
     Never holds the (n_query, n_train) distance matrix: each task ranks one
-    (query block, training block) pair with one GEMM and keeps ``k + margin``
-    candidates, re-ranked by exact float64 differences; a tree merges the lists.
+    (query block, training block) pair, one GEMM per step of ~1000 training rows, and
+    re-ranks the few candidates that can still enter each query's list by exact
+    float64 differences; a tree merges the lists.
 
     Parameters
     ----------
@@ -500,6 +512,9 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     ([[1, 0]], [[0.1, 0.9]])
     """
     X, Y, k, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
+                               or margin < 0):
+        raise InputError(f"margin={margin!r} must be a whole number >= 0")
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = max(2, int(split_every or _SPLIT_EVERY))
     with _thread_buffers():
@@ -673,15 +688,15 @@ def _piece_rows(n_query, query_rows):
 
 
 def _absolute_rows(error, offset):
-    """An InputError about query rows of a piece, renumbered as rows of the whole set."""
+    """An InputError of a piece in the CLI's words: QUERY rows renumbered as rows of the whole set, TRAIN."""
     import re
 
     text = str(error)
     if offset and text.startswith("X (the query set)"):
-        text = re.sub(r"row\(s\) ([0-9, ]+)",
+        text = re.sub(r"row\(s\) ([0-9]+(?:, [0-9]+)*)",
                       lambda m: "row(s) " + ", ".join(str(int(r) + offset) for r in m.group(1).split(", ")),
                       text, count=1)
-    return InputError(text.replace("X (the query set)", "QUERY", 1))
+    return InputError(text.replace("X (the query set)", "QUERY", 1).replace("Y (the training set)", "TRAIN", 1))
 
 
 def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, overwrite=False,

@@ -337,3 +337,75 @@ def test_knn_from_zarr_never_imports_dask_array(tmp_path):
     rd, ri = _ref(X, Y, 3)
     assert r.stdout.strip().endswith("False False"), r.stdout
     assert r.stdout.startswith(str(ri.tolist())), r.stdout
+
+
+def test_every_bad_training_row_is_named_across_steps(tmp_path):
+    """A task walks its block in steps; the error still names the bad rows of all of them."""
+    rng = np.random.default_rng(13)
+    Y = rng.standard_normal((6000, 4))
+    Y[[5, 2500, 5900]] = np.nan
+    pl.write_dataset(str(tmp_path / "t.zarr"), Y, chunk_rows=100)
+    with pytest.raises(InputError, match=r"Y \(the training set\).*row\(s\) 5, 2500, 5900;"):
+        pl.kneighbors(rng.standard_normal((3, 4)), str(tmp_path / "t.zarr"), 2, train_rows=6000)
+
+
+def test_values_whose_products_overflow_float32_are_refused_not_ranked():
+    """1e21 is finite in float32 but its square is not: the GEMM would produce inf and
+    NaN and rank garbage, so such rows are named like NaN rows."""
+    a = np.float32(5e18)
+    Y = np.array([[a, a], [a, -a]] + [[-a, -a]] * 5, dtype=np.float32)
+    X = np.array([[1e21, 1e21]], dtype=np.float32)
+    with pytest.raises(InputError, match=r"X \(the query set\).*too large to square.*row\(s\) 0"):
+        pl.kneighbors(X, Y, 2)
+    # Within range, the same geometry is ranked exactly.
+    dist, ind = pl.kneighbors(X / np.float32(1e12), Y / np.float32(1e12), 2)
+    assert ind.tolist() == [[0, 1]]
+
+
+def test_in_memory_training_blocks_are_ranked_in_steps(monkeypatch):
+    """NumPy inputs walk their blocks in the same steps as Zarr ones (the plan counts a
+    step's ranking block, not a whole block's)."""
+    import pipeline.kernels.topk as topk
+
+    widths = []
+    real = topk.knn_steps
+
+    def spy(queries, steps, k, **kw):
+        def seen():
+            for off, rows in steps:
+                widths.append(rows.shape[0])
+                yield off, rows
+        return real(queries, seen(), k, **kw)
+
+    monkeypatch.setattr(topk, "knn_steps", spy)
+    monkeypatch.setattr(topk, "STEP_BYTES", 64 * 1024)
+    rng = np.random.default_rng(14)
+    Y, X = rng.standard_normal((3000, 16)), rng.standard_normal((40, 16))
+    dist, ind = pl.kneighbors(X, Y, 3, train_rows=1500)
+    step = topk.step_rows(40, 16, 8)
+    assert step < 1500 and max(widths) == step and sum(widths) == 3000
+    np.testing.assert_array_equal(ind, _ref(X, Y, 3)[1])
+
+
+def test_bad_margin_and_unknown_chunks_are_input_errors():
+    rng = np.random.default_rng(15)
+    Y = rng.standard_normal((50, 3))
+    with pytest.raises(InputError, match="margin=-3"):
+        pl.kneighbors(Y[:2], Y, 2, margin=-3)
+    Yd = da.from_array(Y, chunks=10)
+    Yd = Yd[Yd[:, 0] > -10]  # unknown chunk sizes
+    with pytest.raises(InputError, match="unknown chunk sizes"):
+        pl.kneighbors(Y[:2], Yd, 2)
+
+
+def test_piece_errors_are_renumbered_in_the_cli_words():
+    from pipeline.neighbors import _absolute_rows
+
+    e = InputError("X (the query set) has NaN or infinite values (or values too large to square) in "
+                   "row(s) 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 6 more; remove or impute those rows")
+    assert str(_absolute_rows(e, 300)) == (
+        "QUERY has NaN or infinite values (or values too large to square) in row(s) 301, 302, 303, 304, "
+        "305, 306, 307, 308, 309, 310 and 6 more; remove or impute those rows")
+    e = InputError("Y (the training set) has NaN or infinite values (or values too large to square) in "
+                   "row(s) 4; remove or impute those rows")
+    assert str(_absolute_rows(e, 300)).startswith("TRAIN has NaN") and "row(s) 4;" in str(_absolute_rows(e, 300))

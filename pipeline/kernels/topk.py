@@ -5,13 +5,16 @@ distance, ties to the lower training index.  Because that order is total (indice
 are unique), :func:`merge_topk` is associative and commutative, so a tree reduction
 gives the same lists whatever the chunking or the shape of the tree.
 
-The streaming k-NN step (:func:`knn_block`) works in two stages per training block:
-the GEMM of the working dtype ranks every training row approximately and keeps
-``k + margin`` candidates; those few are re-ranked with exact float64 differences,
-and the list keeps the best ``k`` by exact distance.  Each partial list also carries
-``bound``: a lower bound on the exact distance of every row the approximate stage
-dropped (the largest kept approximate distance minus a rounding-error bound).  After
-the last merge a row whose k-th exact distance lies strictly below its bound is
+The streaming k-NN (:func:`knn_steps`, :func:`knn_block`) walks a training block in
+steps of a few MiB.  Per step the GEMM of the working dtype ranks every row
+approximately; the first step keeps each query's ``k + margin`` best candidates, later
+steps only the rows whose rounding-error lower bound can still beat the query's
+current k-th exact distance.  Candidates are re-ranked with exact float64 differences
+and merged into running lists of the best ``k`` by exact distance.  Each partial list
+also carries ``bound``: a lower bound on the exact distance of every row a rank cut
+dropped (the largest kept approximate distance minus a rounding-error bound); rows
+dropped by the threshold are provably worse than ``k`` listed rows and need none.
+After the last merge a row whose k-th exact distance lies strictly below its bound is
 certified exact; the few others (exact or near ties across the margin) are recomputed
 by :func:`exact_topk_block` with exact differences against every training row.
 """
@@ -56,11 +59,23 @@ class NonFiniteRows(ValueError):
         super().__init__(f"non-finite values in rows {self.rows[:10].tolist()}")
 
 
-def _check_finite(norms, offset):
-    # A NaN or inf anywhere in a row makes its squared norm NaN or inf: checking the
-    # (rows,) norms the kernels compute anyway costs nothing extra.
-    if not np.isfinite(norms).all():
-        raise NonFiniteRows(np.flatnonzero(~np.isfinite(norms)) + int(offset))
+def _unfit_rows(norms, dtype):
+    """Local indices of rows whose squared norm is NaN, inf or too large for ``dtype``.
+
+    A NaN or inf anywhere in a row makes its squared norm NaN or inf: checking the
+    (rows,) norms the kernels compute anyway costs nothing extra.  Norms are also kept
+    below 1/16 of ``dtype``'s largest value, so that no sum of products in the GEMM
+    (at most 2 sqrt(||x||^2 ||y||^2) + ||y||^2 by Cauchy-Schwarz) overflows to inf.
+    """
+    limit = np.finfo(dtype).max / 16
+    ok = norms <= limit  # False for NaN
+    return np.flatnonzero(~ok) if not ok.all() else np.empty(0, np.int64)
+
+
+def _check_finite(norms, offset, dtype=np.float64):
+    bad = _unfit_rows(norms, dtype)
+    if bad.size:
+        raise NonFiniteRows(bad + int(offset))
 
 # Bytes of gathered candidate rows (rows x candidates x features, float64) re-ranked
 # at once: a few MiB, inside the CPU caches.
@@ -293,7 +308,7 @@ def prepare_queries(X, shift=None, upcast=False, offset=0):
     if np.shares_memory(xc, X):  # as_block returns X itself when it can; it is scaled below
         xc = xc.copy()
     xn = row_norms_sq(xc)
-    _check_finite(xn, offset)
+    _check_finite(xn, offset, xc.dtype)
     xc *= -2
     return {
         "xm2": xc,
@@ -446,6 +461,7 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
     best_i = np.full((n, k), _NO_ROW, dtype=np.int64)
     bound = np.full(n, np.inf)
     seen = 0
+    bad = []
     big = np.finfo(np.float64).eps * 4
     for offset, Y in steps:
         Y = np.asarray(Y)
@@ -462,7 +478,12 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
         # In the working dtype (SIMD, a third of the float64 cost); the error bound
         # accounts for it.
         yn = np.einsum("ij,ij->i", yc, yc)
-        _check_finite(yn, offset)
+        unfit = _unfit_rows(yn, yc.dtype)
+        if unfit.size or bad:
+            # The task fails; its remaining steps are only checked, so the error names
+            # every bad row of the block.
+            bad.append(unfit + offset)
+            continue
         # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
         # along a row, so it is left out of the (n_queries, m) block.
         S = np.matmul(xm2, yc.T, out=scratch(work, "S", (n, m), xm2.dtype))
@@ -517,6 +538,8 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
             if board is not None:
                 # Unlocked: a lost update only leaves a larger, still valid bound.
                 np.minimum(board, best_d[:, k - 1], out=board)
+    if bad:
+        raise NonFiniteRows(np.concatenate(bad))
     width = min(k, seen)
     return {"dist": best_d[:, :width], "idx": best_i[:, :width], "bound": bound}
 
