@@ -223,20 +223,29 @@ def main(argv=None):
     print(f"\ncase {a.case}: {case['n_query']} queries x {case['n_train']} train x {case['d']} {case['dtype']}"
           f"{', k=' + str(case['k']) if case['k'] else ''}; budget {a.budget}; {a.runs} runs after a warm-up;"
           f" {peak_dtype} GEMM peak {peak:.0f} GFLOP/s (4096^3, same run)")
-    print(f"{'tool':<20}{'median s':>10}{'runs':>22}{'vs faiss':>10}{'vs sklearn':>12}{'cpu s':>8}{'peak RSS':>12}{'GFLOP/s':>10}{'% peak':>8}")
+    print(f"{'tool':<20}{'median s':>10}{'runs':>32}{'vs faiss':>10}{'vs sklearn':>12}{'cpu s':>8}{'peak RSS':>12}{'GFLOP/s':>10}{'% peak':>8}")
     for t in tools:
         gf = _flops(case) / med[t] / 1e9
         row = {"tool": t, "median_s": med[t], "runs_s": times[t], "cpu_s_median": statistics.median(cpus[t]),
                "cpu_s_runs": cpus[t], "peak_rss_above_idle_bytes": max(rss[t]),
                "gflops_end_to_end": gf, "fraction_of_gemm_peak": gf / peak,
                "vs_faiss": med[t] / ref if ref else None,
-               "vs_sklearn": med[t] / med["sklearn"] if "sklearn" in med else None}
+               "vs_sklearn": med[t] / med["sklearn"] if "sklearn" in med else None,
+               # The same rounds side by side: the median of the round-by-round ratios.
+               "vs_sklearn_per_round_median": statistics.median(
+                   x / y for x, y in zip(times[t], times["sklearn"])) if "sklearn" in med else None,
+               "vs_faiss_per_round_median": statistics.median(
+                   x / y for x, y in zip(times[t], times["faiss"])) if "faiss" in med else None}
         rows.append(row)
         runs = " ".join(f"{x:.2f}" for x in times[t])
         vf = f"{row['vs_faiss']:.2f}x" if row["vs_faiss"] else "-"
         vs = f"{row['vs_sklearn']:.2f}x" if row["vs_sklearn"] else "-"
-        print(f"{t:<20}{med[t]:>10.2f}{runs:>22}{vf:>10}{vs:>12}{row['cpu_s_median']:>8.2f}"
+        print(f"{t:<20}{med[t]:>10.2f}  {runs:>30}{vf:>10}{vs:>12}{row['cpu_s_median']:>8.2f}"
               f"{max(rss[t]) / 2**20:>9.0f} MiB{gf:>10.0f}{100 * gf / peak:>7.0f}%")
+    if "sklearn" in med or "faiss" in med:
+        print("median of round-by-round ratios: " + ", ".join(
+            f"{r['tool']} {r['vs_faiss_per_round_median'] or 0:.2f}x faiss / {r['vs_sklearn_per_round_median'] or 0:.2f}x sklearn"
+            for r in rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]

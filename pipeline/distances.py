@@ -86,14 +86,12 @@ def _read(src, rows, work=None):
     thread reuses from block to block: a fresh block of tens of MiB costs a page fault
     per 4 KiB, a measurable share of k-NN's time.  The caller must not return it.
     """
-    start, stop = int(rows[0]), int(rows[-1]) + 1
-    if work is not None:
-        from .kernels.buffers import scratch
-        from .storage import read_rows_into
+    from .kernels.buffers import scratch
+    from .storage import read_rows_into
 
-        buf = scratch(work, "read", (stop - start,) + tuple(src.shape[1:]), src.dtype)
-        return read_rows_into(src, start, stop, buf)
-    return np.ascontiguousarray(src[start:stop])
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    buf = scratch(work, "read", (stop - start,) + tuple(src.shape[1:]), src.dtype)
+    return read_rows_into(src, start, stop, buf)
 
 
 def _source_key(store, prefix):
