@@ -134,6 +134,9 @@ def build_parser():
     k.add_argument("out", metavar="OUT")
     k.add_argument("--k", type=_int, default=5)
     k.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
+    k.add_argument("--piece-rows", type=_positive_int, default=None,
+                   help="queries per resumable piece (each reads TRAIN once; at most the plan's query block); "
+                        "default: at least 2048, at most 8 pieces")
     _common(k)
 
     g = sub.add_parser("gmm", help="Gaussian-mixture EM: fit, predict")
@@ -296,7 +299,7 @@ def _run_knn(a):
     from .neighbors import write_knn
 
     _print_summary(write_knn(a.query, a.train, a.out, k=a.k, weights=a.weights,
-                             memory_budget=a.memory_budget, overwrite=a.overwrite))
+                             memory_budget=a.memory_budget, overwrite=a.overwrite, piece_rows=a.piece_rows))
 
 
 def _run_gmm(a):

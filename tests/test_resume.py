@@ -117,18 +117,18 @@ def test_distances_killed_then_resumed_keeps_written_blocks(data, tmp_path):
 
 def test_knn_killed_then_resumed_keeps_written_pieces(data, tmp_path):
     argv = ["knn", data / "q.zarr", data / "t.zarr"]
-    ref = _cli(*argv, tmp_path / "ref.zarr", "--k", 7)
+    ref = _cli(*argv, tmp_path / "ref.zarr", "--k", 7, "--piece-rows", 256)
     n_pieces = int(ref["pieces"])
     assert n_pieces >= 3, ref
 
     out = tmp_path / "knn.zarr"
-    _kill_when(argv + [out, "--k", 7], lambda: len(_done_blocks(out)) >= 1, delay=1.5)
+    _kill_when(argv + [out, "--k", 7, "--piece-rows", 256], lambda: len(_done_blocks(out)) >= 1, delay=1.5)
     _check_incomplete(out)
     kept = int(zarr.open_group(str(out), mode="r")["_done"][...].sum())
     assert 1 <= kept < n_pieces
     mtimes = {p: (out / "indices" / "c" / str(p) / "0").stat().st_mtime_ns for p in range(kept)}
 
-    again = _cli(*argv, out, "--k", 7)
+    again = _cli(*argv, out, "--k", 7, "--piece-rows", 256)
     assert int(again["pieces_kept"]) == kept and int(again["pieces_written"]) == n_pieces - kept, again
     for p, mtime in mtimes.items():
         assert (out / "indices" / "c" / str(p) / "0").stat().st_mtime_ns == mtime
