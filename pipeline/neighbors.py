@@ -220,7 +220,10 @@ class _Rows:
         """Rows ``idx`` (relative) as a NumPy array: the few queries of a fallback pass."""
         idx = np.asarray(idx) + self.lo
         if self.kind == "zarr":
-            return np.asarray(self.data.get_orthogonal_selection((idx, slice(None))))
+            from .storage import _checked_read
+
+            sel = (idx, slice(None))  # with the checks of any read (missing or damaged chunks)
+            return np.asarray(_checked_read(self.data, sel, lambda: self.data.get_orthogonal_selection(sel)))
         rows = self.data[idx]
         return rows.compute() if self.kind == "dask" else np.asarray(rows)
 

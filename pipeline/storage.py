@@ -176,8 +176,11 @@ def _checked_class(strict=False):
 
 
 def _selected_chunks(arr, selection):
-    """The row-chunk indices a selection touches (all of them unless it is a row slice)."""
+    """The row-chunk indices a selection touches (all of them unless it is a row slice or
+    an array of row indices)."""
     first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if isinstance(first, np.ndarray) and first.dtype.kind in "iu" and first.ndim == 1:
+        return np.unique(first // arr.chunks[0]).tolist()
     if isinstance(first, slice) and arr.shape[0]:
         lo, hi, _ = first.indices(arr.shape[0])
         if hi <= lo:
