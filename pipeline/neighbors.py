@@ -528,15 +528,15 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
 
 def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks):
     """Squared exact distances and indices: the main pass, then the fallbacks."""
-    calls = [uuid.uuid4().hex, uuid.uuid4().hex]
+    calls = [uuid.uuid4().hex, uuid.uuid4().hex]  # the main pass's and the wide pass's boards
     try:
-        return _kneighbors_passes(X, Y, k, margin, split_every, qblocks, tblocks, calls)
+        return _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls)
     finally:
         for call in calls:
             _drop_boards(call)
 
 
-def _kneighbors_passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
+def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
     from .cluster import compute
 
     common = dict(split_every=split_every, train_blocks=tblocks)

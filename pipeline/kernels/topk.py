@@ -493,27 +493,26 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
         err = _error_bound(S.dtype, Y.shape[1]) * (xn + float(yn.max()))
         n_cand = min(k + int(margin), m)
         kth = best_d[:, k - 1] if board is None else np.minimum(best_d[:, k - 1], board)
-        rank = np.flatnonzero(~np.isfinite(kth))  # fewer than k rows known yet: cut by rank
+        known = np.isfinite(kth)  # else fewer than k rows known yet: cut by rank
         rows, cols = np.empty(0, np.intp), np.empty(0, np.intp)
-        if rank.size < n:
+        over = np.zeros(n, bool)
+        if known.any():
             # A row can still enter the list only if its lower bound S + xn - err is
             # at or below the current k-th exact distance.  The threshold is rounded
             # up (slack for its own rounding, then one ulp of S's dtype): keeping a
             # row too many costs a re-rank, dropping one too many would be wrong.
-            live = np.flatnonzero(np.isfinite(kth))
-            thr = kth[live] - xn[live] + err[live]
-            thr += big * (np.abs(kth[live]) + xn[live] + err[live])
-            thr = np.nextafter(thr.astype(S.dtype), np.inf)
-            Sl = S if live.size == n else S[live]
-            mask = np.less_equal(Sl, thr[:, None], out=scratch(work, "mask", Sl.shape, np.bool_))
-            flat = np.flatnonzero(mask)  # a handful a row: cheaper than 2-D nonzero
-            r, cols = np.divmod(flat, m)
-            over = np.bincount(r, minlength=live.size) > n_cand  # many: cut by rank instead
+            # Rows cut by rank get -inf: nothing passes.
+            t = kth[known] - xn[known] + err[known]
+            t += big * (np.abs(kth[known]) + xn[known] + err[known])
+            thr = np.full(n, -np.inf, S.dtype)
+            thr[known] = np.nextafter(t.astype(S.dtype), np.inf)
+            mask = np.less_equal(S, thr[:, None], out=scratch(work, "mask", S.shape, np.bool_))
+            rows, cols = np.divmod(np.flatnonzero(mask), m)  # a handful a row: cheaper than 2-D nonzero
+            over = np.bincount(rows, minlength=n) > n_cand  # many: cut by rank instead
             if over.any():
-                rank = np.concatenate([rank, live[over]])
-                keep = ~over[r]
-                r, cols = r[keep], cols[keep]
-            rows = live[r]
+                keep = ~over[rows]
+                rows, cols = rows[keep], cols[keep]
+        rank = np.flatnonzero(~known | over)
         if rank.size:
             Sr = S if rank.size == n else S[rank]
             if n_cand < m:
