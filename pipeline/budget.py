@@ -264,13 +264,15 @@ def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
     d = n_features
     w = max(itemsize, 4)  # working dtype: float64 stays, float32 and integers -> float32
     cand = k + 2 + k // 8  # k + neighbors._default_margin(k)
-    step = min(bt, _topk.step_rows(bq, d, itemsize))
+    # Steps read from Zarr are rounded to whole chunks (neighbors._read_step): at most
+    # twice the kernel's step.
+    step = min(bt, 2 * _topk.step_rows(bq, d, itemsize))
     items = [
         CostItem("query block, prepared", bq * d * (w + 8), 1, "centred copy + float64 copy for the exact re-rank"),
         CostItem("query block as read", bq * d * itemsize, 1, "until prepared"),
         CostItem("train block", bt * d * itemsize, threads,
                  "an array input's block; Zarr inputs are read a step (up to 2 chunks) at a time"),
-        CostItem("train step centred", step * d * w, threads, f"{step} rows per GEMM, working dtype"),
+        CostItem("train step centred", step * d * w, threads, f"up to {step} rows per GEMM, working dtype"),
         CostItem("ranking block", bq * step * (w + 1), threads, "one GEMM: ||y||^2 - 2 x.y, and its mask"),
         CostItem("selection indices", min(bq, 64) * step * 8, threads, "64 query rows at a time"),
         CostItem("exact re-rank buffers", 3 * 2 * 2**20 + bq * cand * 48, threads,
