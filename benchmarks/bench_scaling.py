@@ -181,7 +181,7 @@ def measure_compute(jobs, runs, data):
     """The same jobs through the API from one long-lived client: compute only, no CLI
     start-up, no dataset opening or result writing (alternating, median of ``runs``)."""
     import pipeline as pl
-    from pipeline import cluster as _cluster
+    from pipeline import runtime as _runtime
 
     _prepare(data)
     clusters = {"1 worker": Cluster(1), "2 workers": Cluster(2)}
@@ -197,7 +197,7 @@ def measure_compute(jobs, runs, data):
         for rnd in range(runs + 1):
             for job in jobs:
                 for c, cl in clusters.items():
-                    with _cluster.connect(cl.address, echo=lambda *_: None):
+                    with _runtime.connect(cl.address, echo=lambda *_: None):
                         t0 = time.perf_counter()
                         work[job]()
                         wall = time.perf_counter() - t0

@@ -17,8 +17,8 @@ from .errors import BudgetError, DataError, InputError, PipelineError
 from .jobs import run_job
 from .mixture import GaussianMixture, em_step
 from .neighbors import KNeighborsClassifier, kneighbors
-from .storage import (Dataset, ingest, make_blobs, make_cifar_like, open_dataset,
-                      write_dataset)
+from .store import Dataset, make_blobs, make_cifar_like, open_dataset
+from .store.ingest import ingest, write_dataset
 
 __version__ = "0.1.0"
 

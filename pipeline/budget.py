@@ -2,115 +2,33 @@
 
 The budget is the most memory an operation may add to one process above its idle
 footprint (for a cluster: per worker).  Each operation has an explicit cost model: the
-bytes one task holds while it runs (input blocks, GEMM output block, temporaries),
-times the number of tasks alive at once, plus what all tasks share (parameters) and a
-fixed runtime overhead.  :func:`plan` picks the largest blocks whose predicted peak
-fits the budget; :meth:`Plan.explain` prints the table.  The numbers are checked by
-measuring real processes in ``tests/test_budget_memory.py``.
+bytes one task holds while it runs, times the number of tasks alive at once, plus what
+all tasks share (parameters) and a fixed runtime overhead.  A kernel's own buffers are
+stated by the kernel module beside the code that allocates them
+(``kernels.distances.block_workspace``, ``kernels.topk.steps_workspace``,
+``kernels.gaussian.em_workspace`` ...); the models here compose those with the blocks
+as read, the graph's bookkeeping and the runtime.  :func:`plan` picks the largest
+blocks whose predicted peak fits the budget; :meth:`Plan.explain` prints the table.
+The numbers are checked by measuring real processes (``tests/test_memory.py``,
+``test_knn_memory.py``, ``test_gmm_memory.py``) and the kernels' formulas against the
+buffers they really allocate (``tests/test_workspace.py``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass, field
 
 from .errors import BudgetError
+from .kernels import distances as _kd
+from .kernels import gaussian as _g
+from .kernels import topk as _topk
+from .runtime import RUNTIME_OVERHEAD, TASK_OVERHEAD, dask_threads
+from .sizes import default_budget, format_bytes, parse_budget
 
-__all__ = ["parse_budget", "default_budget", "format_bytes", "plan", "Plan", "CostItem"]
+__all__ = ["parse_budget", "default_budget", "format_bytes", "plan", "Plan", "CostItem", "align_rows",
+           "cost_distances", "cost_knn", "cost_gmm", "RUNTIME_OVERHEAD", "TASK_OVERHEAD"]
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "t": 10**12, "tb": 10**12,
-    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-    "ti": 2**40, "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-# Memory the runtime adds once work starts, whatever the block sizes: thread stacks,
-# BLAS work buffers, zarr's event loop and codec buffers.  Measured in
-# tests/test_memory.py (the intercept of measured peak against block bytes).
-RUNTIME_OVERHEAD = 20 * 2**20
-# dask's bookkeeping per task of a graph (task objects, keys, scheduler state),
-# measured with graphs of 400 and 40000 tasks.
-TASK_OVERHEAD = 16 * 2**10
-
-# The smallest block worth a task: below this the per-task overhead (~100 us) and
-# the GEMM's poor efficiency on thin blocks dominate.
-_MIN_ROWS = 1
-
-
-def parse_budget(value, *, name="memory_budget") -> int:
-    """Return a budget in bytes.
-
-    Parameters
-    ----------
-    value : int, float, str or None
-        Bytes, or a size such as ``"1.5GiB"``, ``"256MiB"``, ``"2GB"``.  ``None`` means
-        the default: dask config ``pipeline.memory-budget``, else a quarter of the
-        memory available now.
-
-    Examples
-    --------
-    >>> parse_budget("1.5GiB")
-    1610612736
-    >>> parse_budget(2**20)
-    1048576
-    """
-    if value is None:
-        return default_budget()
-    if isinstance(value, bool):
-        raise BudgetError(f"{name}={value!r} is not a size; give bytes or a string such as '1.5GiB'")
-    if isinstance(value, (int, float)):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            raise BudgetError(
-                f"{name}={value!r} is not a size; write a number and a unit such as "
-                "'512MiB', '1.5GiB' or '2GB'"
-            )
-        n = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(n) or n <= 0:
-        raise BudgetError(f"{name}={value!r} must be a positive size such as '1GiB'")
-    return int(n)
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_budget() -> int:
-    """The budget used when none is given.
-
-    The dask config key ``pipeline.memory-budget`` (also the environment variable
-    ``DASK_PIPELINE__MEMORY_BUDGET``) if set, else a quarter of the memory available
-    now (at least 256 MiB).
-    """
-    import dask.config
-
-    value = dask.config.get("pipeline.memory-budget", None)
-    if value is not None:
-        return parse_budget(value, name="pipeline.memory-budget")
-    return max(256 * 2**20, _available_memory() // 4)
-
-
-def format_bytes(n: float) -> str:
-    """``1536 * 2**20`` -> ``'1.5 GiB'``."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.4g} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -206,7 +124,7 @@ def _read_cost(rows, chunk_rows, row_bytes, compressed=True):
     """Bytes alive while a task reads ``rows`` rows of a Zarr array.
 
     Zarr decodes whole chunks straight into the block where the block covers them
-    (blocks are aligned by :func:`_align`); a block that is a fraction of a
+    (blocks are aligned by :func:`align_rows`); a block that is a fraction of a
     compressed chunk also holds that decoded chunk (an uncompressed one is read in
     part).  Measured in tests/test_memory.py.
     """
@@ -214,7 +132,7 @@ def _read_cost(rows, chunk_rows, row_bytes, compressed=True):
     return rows * row_bytes + extra
 
 
-def _align(rows, chunk_rows, n):
+def align_rows(rows, chunk_rows, n):
     """Round a block down to a multiple or a divisor of the stored chunks.
 
     Either way no stored chunk is decoded by two tasks, and no task decodes more
@@ -229,21 +147,29 @@ def _align(rows, chunk_rows, n):
     return max(small)
 
 
-def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast,
-                    x_chunk_rows=None, y_chunk_rows=None, x_compressed=True, y_compressed=True,
-                    n_blocks=1):
-    # Mirrors pipeline.distances._block: a task centres its query block (held by dask
-    # for the other tasks of its row) and the training block it read itself, frees
-    # that read, then writes one GEMM output block.
+def _items(workspace, count):
+    """A kernel's :class:`~pipeline.kernels.buffers.Workspace` rows as cost items, ``count`` of each."""
+    return [CostItem(w.name, w.nbytes, count, w.note) for w in workspace]
+
+
+def cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast,
+                   x_chunk_rows=None, y_chunk_rows=None, x_compressed=True, y_compressed=True,
+                   n_blocks=1):
+    """Cost table of one plan of :func:`pipeline.pairwise_distances`.
+
+    A task centres its query block (held by dask for the other tasks of its row) and
+    the training block it read itself, frees that read before the GEMM allocates its
+    output (so the two share a row), then writes one output block.
+    """
     d = n_features
     w = 8 if upcast else max(itemsize, 4)
-    conv = itemsize != w
+    centred, gemm = _kd.block_workspace(bq, bt, d, itemsize, upcast)
     read_t = _read_cost(bt, y_chunk_rows, d * itemsize, y_compressed)
     items = [
         CostItem("query block as read", _read_cost(bq, x_chunk_rows, d * itemsize, x_compressed), threads,
                  "stored dtype, shared by its row's tasks"),
-        CostItem("blocks centred", (bq + bt) * d * w, threads, "converted, working dtype" if conv else "working dtype"),
-        CostItem("train block as read, or GEMM output", max(read_t, bq * bt * w), threads,
+        CostItem(centred.name, centred.nbytes, threads, centred.note),
+        CostItem("train block as read, or GEMM output", max(read_t, gemm.nbytes), threads,
                  "the read is freed before the GEMM allocates"),
     ]
     if out_itemsize != w:
@@ -257,48 +183,29 @@ def _cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upca
     return items
 
 
-def _cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
-    # Mirrors pipeline.kernels.topk.knn_steps and pipeline.neighbors' graph.
-    from .kernels import topk as _topk
-
+def cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
+    """Cost table of one plan of :func:`pipeline.kneighbors` (``bq`` x ``bt`` blocks)."""
     d = n_features
-    w = max(itemsize, 4)  # working dtype: float64 stays, float32 and integers -> float32
-    cand = k + 2 + k // 8  # k + neighbors._default_margin(k)
+    cand = k + 2 + k // 8  # k + neighbors' default margin
     # Steps read from Zarr are rounded to whole chunks (neighbors._read_step): at most
     # twice the kernel's step.
     step = min(bt, 2 * _topk.step_rows(bq, d, itemsize))
-    items = [
-        CostItem("query block, prepared", bq * d * (w + 8), 1, "centred copy + float64 copy for the exact re-rank"),
+    return [
+        *_items(_topk.queries_workspace(bq, d, itemsize), 1),
         CostItem("query block as read", bq * d * itemsize, 1, "until prepared"),
         CostItem("train block", bt * d * itemsize, threads,
                  "an array input's block; Zarr inputs are read a step (up to 2 chunks) at a time"),
-        CostItem("train step centred", step * d * w, threads, f"up to {step} rows per GEMM, working dtype"),
-        CostItem("ranking block", bq * step * (w + 1), threads, "one GEMM: ||y||^2 - 2 x.y, and its mask"),
-        CostItem("selection indices", min(bq, 64) * step * 8, threads, "64 query rows at a time"),
-        CostItem("exact re-rank buffers", 3 * 2 * 2**20 + bq * cand * 48, threads,
-                 "gathered candidates, float64; candidate pairs"),
-        CostItem("running top-k lists", bq * (3 * k * 16 + 16), threads + min(n_train_blocks, 8),
+        *_items(_topk.steps_workspace(bq, step, d, itemsize, cand), threads),
+        CostItem("running top-k lists", _topk.lists_workspace(bq, k), threads + min(n_train_blocks, 8),
                  "per task and in the merge tree; the shared bound"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
-    return items
 
 
-def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0):
-    # Mirrors pipeline.kernels.gaussian.em_block_stats and pipeline.mixture's graph.
+def cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0):
+    """Cost table of one plan of the EM pass (``rows``-row blocks, ``group`` components at once)."""
     d, K = n_features, n_components
     grouped = group < K
-    # The kernels work on slices of `inner` rows (kernels.gaussian.inner_rows) and
-    # batch `gemm` components per E-step GEMM (kernels.gaussian.gemm_group); a
-    # group's pass (grouped plans) keeps its responsibilities for the whole block.
-    from .kernels import gaussian as _g
-
-    inner = min(rows, _g.inner_rows(d))
-    gemm = min(group, _g.gemm_group(K, d))
-    # The fused pass's pruned E-step (kernels.gaussian._pruned_log_prob) works on
-    # slices PRUNE_SLICE times larger, with its own buffers.
-    prune = not grouped and K >= _g.PRUNE_MIN_COMPONENTS and d <= _g.PRUNE_MAX_FEATURES
-    big = min(rows, _g.prune_rows(d)) if prune else inner
     full, grp = K * d * d * 8, group * d * d * 8
     # The driver holds theta_t's factors and covariances plus the concatenated factors
     # shared with the tasks (one key); at the M-step, the summed scatter and
@@ -308,21 +215,10 @@ def _cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split
     if grouped:
         items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 2, "persisted between a group's passes"))
     items.append(CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"))
-    if itemsize != 8:
-        items.append(CostItem("X as float64", 2 * big * d * 8, threads,
-                              "converted per slice; the next slice's before the last is freed"))
+    items += _items(_g.em_workspace(rows, group, n_features=d, n_components=K, itemsize=itemsize,
+                                    grouped=grouped), threads)
     items += [
-        CostItem("[X 1] slice", inner * (d + 1) * 8, threads, "the GEMM's operand: it subtracts mu_k P_k too"),
-        CostItem("X @ [P_1..P_g] slice", inner * gemm * d * 8, threads,
-                 f"{inner} rows x {gemm} components per GEMM"),
-        CostItem("log-probabilities, responsibilities", 3 * (rows * group if grouped else big * K) * 8,
-                 threads, "float64"),
-        CostItem("weighted rows", 2 * (rows if grouped else big) * d * 8, threads,
-                 "r-selected x - shift, for the scatter syrk"),
-        *([CostItem("pruning bounds, gathered rows", big * (9 * K + 2 * d + 1) * 8, threads,
-                    f"{big}-row slices: distances to the means, bounds, one component's rows")]
-          if prune else []),
-        CostItem("sufficient statistics", group * (d * d + d + 1) * 8, threads + split_every + 1,
+        CostItem("sufficient statistics", _g.stats_bytes(group, d), threads + split_every + 1,
                  "N, S1, S2: a task's accumulator, and in the tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
@@ -383,8 +279,6 @@ def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
     """
     budget = parse_budget(memory_budget)
     if threads is None:
-        from .cluster import dask_threads
-
         threads = dask_threads()
     threads = _positive("threads", threads)
     try:
@@ -402,7 +296,7 @@ def _plan_distances(budget, threads, *, n_x, n_y, n_features, itemsize=4, out_it
     blocks = lambda bq, bt: math.ceil(n_x / bq) * math.ceil(n_y / bt)
 
     def cost(bq, bt):
-        return _cost_distances(bq, bt, n_features=d, itemsize=itemsize, out_itemsize=out_itemsize,
+        return cost_distances(bq, bt, n_features=d, itemsize=itemsize, out_itemsize=out_itemsize,
                                threads=threads, upcast=upcast, x_chunk_rows=x_chunk_rows,
                                y_chunk_rows=y_chunk_rows, x_compressed=x_compressed,
                                y_compressed=y_compressed, n_blocks=blocks(bq, bt))
@@ -427,7 +321,7 @@ def _plan_distances(budget, threads, *, n_x, n_y, n_features, itemsize=4, out_it
         bt = _largest(lambda t: peak(bq, t) <= budget, bt, n_y)
     elif bt == n_y and bq < n_x:
         bq = _largest(lambda q: peak(q, bt) <= budget, bq, n_x)
-    bq, bt = _align(bq, x_chunk_rows, n_x), _align(bt, y_chunk_rows, n_y)
+    bq, bt = align_rows(bq, x_chunk_rows, n_x), align_rows(bt, y_chunk_rows, n_y)
     params = {"query_rows": bq, "train_rows": bt, "blocks": blocks(bq, bt)}
     return Plan("distances", budget, threads, params, cost(bq, bt),
                 {"n_x": n_x, "n_y": n_y, "n_features": d, "itemsize": itemsize})
@@ -438,7 +332,7 @@ def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4)
     k = _positive("k", k)
 
     def cost(bq, bt):
-        return _cost_knn(bq, bt, n_features=d, itemsize=itemsize, k=k, threads=threads,
+        return cost_knn(bq, bt, n_features=d, itemsize=itemsize, k=k, threads=threads,
                          n_train_blocks=math.ceil(n_t / bt))
 
     peak = lambda bq, bt: sum(i.total for i in cost(bq, bt))
@@ -467,7 +361,7 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
 
     def cost(rows, group):
-        return _cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads,
+        return cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads,
                          n_samples=n)
 
     peak = lambda rows, group: sum(i.total for i in cost(rows, group))
@@ -488,7 +382,7 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     # Enough blocks to keep every thread busy and the tree shallow.
     rows = min(rows, max(target, math.ceil(n / (4 * threads))))
     # Whole stored chunks per block: a block straddling chunks decodes up to two more.
-    rows = _align(rows, chunk_rows, n)
+    rows = align_rows(rows, chunk_rows, n)
     n_groups = math.ceil(K / group)
     params = {"rows": rows, "component_group": group, "component_groups": n_groups,
               "passes": 1 if n_groups == 1 else 2 * n_groups}

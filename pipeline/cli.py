@@ -184,23 +184,23 @@ def _say(*lines):
 
 
 def _run_generate(a):
-    from . import storage
+    from . import store
 
     if a.kind == "blobs":
-        ds = storage.make_blobs(a.out, a.n_samples, a.n_features, centers=a.centers, dtype=a.dtype,
+        ds = store.make_blobs(a.out, a.n_samples, a.n_features, centers=a.centers, dtype=a.dtype,
                                 random_state=a.seed, chunk_rows=a.chunk_rows,
                                 overwrite=a.overwrite, memory_budget=a.memory_budget)
     else:
-        ds = storage.make_cifar_like(a.out, a.n_samples, a.n_features, n_classes=a.classes,
+        ds = store.make_cifar_like(a.out, a.n_samples, a.n_features, n_classes=a.classes,
                                      random_state=a.seed, chunk_rows=a.chunk_rows,
                                      overwrite=a.overwrite, memory_budget=a.memory_budget)
     _say(f"wrote {ds!r}")
 
 
 def _run_ingest(a):
-    from . import storage
+    from .store.ingest import ingest
 
-    ds = storage.ingest(a.src, a.out, labels=a.labels, chunk_rows=a.chunk_rows,
+    ds = ingest(a.src, a.out, labels=a.labels, chunk_rows=a.chunk_rows,
                         overwrite=a.overwrite, memory_budget=a.memory_budget)
     _say(f"wrote {ds!r}")
 
@@ -208,10 +208,10 @@ def _run_ingest(a):
 def _describe(url):
     import zarr
 
-    from . import storage
-    from .budget import format_bytes
+    from .sizes import format_bytes
+    from .store.urls import open_group
 
-    g = storage._open_group(url, what="store")
+    g = open_group(url, what="store")
     attrs = dict(g.attrs.get("pipeline", {}))
     kind = attrs.get("kind", "dataset")
     lines = [f"{url}: {kind}, format {attrs.get('format', '?')}, "
@@ -235,9 +235,9 @@ def _run_info(a):
 
 
 def _shape_of(url):
-    from . import storage
+    from .store import open_dataset
 
-    ds = storage.open_dataset(url)
+    ds = open_dataset(url)
     return ds.n_samples, ds.n_features, ds.X.dtype
 
 
@@ -276,7 +276,7 @@ def _run_plan(a):
 
 
 def _plan_threads(a):
-    from .cluster import cores
+    from .runtime import cores
 
     if a.scheduler == "local" and not a.threads_per_worker:
         return max(1, cores() // (a.workers or cores()))
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         runs_work = args.command not in ("info", "plan", "run")  # run connects per its job file
         if getattr(args, "memory_budget", None) is not None:
-            from .budget import parse_budget
+            from .sizes import parse_budget
 
             parse_budget(args.memory_budget, name="--memory-budget")
         if not runs_work:
@@ -358,8 +358,9 @@ def main(argv=None) -> int:
             import dask.array  # noqa: F401 - so the idle footprint includes what the run imports
         import zarr  # noqa: F401
 
-        from .cluster import connect
+        from .runtime import connect, limit_malloc
 
+        limit_malloc()  # this process is the command's own: its RSS should track what is live
         start, base = time.perf_counter(), _peak_rss()
         with connect(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
                      memory_budget=args.memory_budget, progress=args.progress, report=args.report,
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
                                "tls_client_key": args.tls_key}):
             _HANDLERS[args.command](args)
         if args.command != "demo":
-            from .budget import format_bytes
+            from .sizes import format_bytes
 
             grew = max(0, _peak_rss() - base)
             where = "" if args.scheduler == "threads" else " (this process; workers report on the dashboard)"

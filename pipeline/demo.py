@@ -14,7 +14,7 @@ import resource
 import time
 
 from .budget import format_bytes, parse_budget, plan
-from .cluster import dask_threads
+from .runtime import dask_threads
 
 __all__ = ["run_demo"]
 
@@ -32,7 +32,7 @@ def run_demo(directory="pipeline-demo", *, n_train=5000, n_test=500, memory_budg
     dict
         Accuracy of the k-NN vote, the GMM's lower bound, timings and peak memory.
     """
-    from . import storage
+    from . import store
 
     os.makedirs(directory, exist_ok=True)
     budget = parse_budget(memory_budget)
@@ -51,10 +51,10 @@ def run_demo(directory="pipeline-demo", *, n_train=5000, n_test=500, memory_budg
     train_url = os.path.join(directory, "cifar-train.zarr")
     test_url = os.path.join(directory, "cifar-test.zarr")
     train = step(f"generate CIFAR-10-shaped training images -> {train_url}",
-                 lambda: storage.make_cifar_like(train_url, n_train, random_state=1,
+                 lambda: store.make_cifar_like(train_url, n_train, random_state=1,
                                                  overwrite=True, memory_budget=budget))
     test = step(f"generate CIFAR-10-shaped test images -> {test_url}",
-                lambda: storage.make_cifar_like(test_url, n_test, random_state=2,
+                lambda: store.make_cifar_like(test_url, n_test, random_state=2,
                                                 overwrite=True, memory_budget=budget))
     echo(f"   {train!r}\n   {test!r}")
     naive = n_test * n_train * train.n_features * 8
@@ -78,7 +78,7 @@ def run_demo(directory="pipeline-demo", *, n_train=5000, n_test=500, memory_budg
 
     blobs_url = os.path.join(directory, "blobs.zarr")
     step(f"generate 20000 x 16 Gaussian blobs -> {blobs_url}",
-         lambda: storage.make_blobs(blobs_url, 20000, 16, centers=4, dtype="float64",
+         lambda: store.make_blobs(blobs_url, 20000, 16, centers=4, dtype="float64",
                                     random_state=0, overwrite=True, memory_budget=budget))
     model_url = os.path.join(directory, "gmm.zarr")
     summary = step(f"fit a 4-component Gaussian mixture by out-of-core EM -> {model_url}",

@@ -20,6 +20,11 @@ import os
 import time
 
 from .errors import InputError, PipelineError
+from .runtime import connect, parse_scheduler
+from .sizes import parse_budget
+from .store import results
+from .store.datasets import open_dataset
+from .store.urls import exists, open_group
 
 __all__ = ["load_job", "run_job", "STEPS"]
 
@@ -130,9 +135,6 @@ def load_job(path):
     """
     import yaml
 
-    from .budget import parse_budget
-    from .cluster import _parse_scheduler
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"job file {path!r} does not exist; give the path of a YAML job file")
@@ -164,7 +166,7 @@ def load_job(path):
         settings["memory_budget"] = doc["memory_budget"]
     if doc.get("scheduler") is not None:
         try:
-            settings["scheduler"] = _parse_scheduler(str(doc["scheduler"]))
+            settings["scheduler"] = parse_scheduler(str(doc["scheduler"]))
         except InputError as e:
             _fail(path, f"scheduler: {e}".replace("--scheduler ", ""))
     raw = doc.get("steps")
@@ -211,8 +213,6 @@ def load_job(path):
 
 def _check_flow(path, steps):
     """Inputs exist or come from an earlier step; outputs are distinct and free."""
-    from .storage import _exists, _open_group, open_dataset
-
     produced = {}  # url -> (step index, what)
     for i, (name, opts) in enumerate(steps):
         where = f"{path}: steps[{i}] ({name})"
@@ -229,14 +229,14 @@ def _check_flow(path, steps):
                 if made != need:
                     _fail(where, f"{key}: {url!r} is written by steps[{j}] as a {made}, not a {need}")
                 continue
-            if not _exists(url):
+            if not exists(url):
                 _fail(where, f"{key}: {url!r} does not exist and no earlier step writes it; "
                              "fix the path or add a step that creates it")
             try:
                 if need == "dataset":
                     open_dataset(url)
                 else:
-                    g = _open_group(url, what="model")
+                    g = open_group(url, what="model")
                     meta = dict(g.attrs.get("pipeline", {}))
                     if meta.get("kind") != "gmm" or not meta.get("complete"):
                         _fail(where, f"{key}: {url!r} is not a complete gmm model; fit one with a gmm-fit step")
@@ -247,23 +247,21 @@ def _check_flow(path, steps):
             _fail(where, f"{out_key}: {out!r} is also written by steps[{produced[out][0]}]; give each step its own output")
         if out in {opts[k] for k in ins}:
             _fail(where, f"{out_key}: {out!r} is also an input of this step; choose another output path")
-        if _exists(out) and not opts["overwrite"]:
+        if exists(out) and not opts["overwrite"]:
             _check_existing_output(where, out_key, out, what, name, opts)
         produced[out] = (i, what)
 
 
 def _check_existing_output(where, key, url, what, name, opts):
     """An existing output is refused up front unless the step may skip, resume or restart it."""
-    from .storage import _open_group
-
     try:
-        meta = dict(_open_group(url, what="output").attrs.get("pipeline", {}))
+        meta = dict(open_group(url, what="output").attrs.get("pipeline", {}))
     except InputError:
         meta = {}
     kind = meta.get("kind")
     if kind == what and what != "dataset":
         return  # the writer decides: same job -> skip or resume, another job -> refused
-    if kind == "dataset" == what and (meta.get("step") == _fingerprint(name, opts) or not meta.get("complete")):
+    if kind == "dataset" == what and (meta.get("job") == _fingerprint(name, opts) or not meta.get("complete")):
         return  # the same step's dataset (skipped) or an interrupted one (written again)
     held = f"a {kind} store" if kind else "something that is not a pipeline store"
     _fail(where, f"{key}: {url!r} already exists and holds {held} from other parameters; "
@@ -271,53 +269,41 @@ def _check_existing_output(where, key, url, what, name, opts):
 
 
 def _fingerprint(name, opts):
-    from .storage import job_fingerprint
-
     params = {k: v for k, v in opts.items() if k != "overwrite"}
     if name == "ingest":
         for key in ("src", "labels"):
             if params[key] is not None and os.path.isfile(params[key]):
                 st = os.stat(params[key])
                 params[key] = f"{params[key]}@{st.st_size}:{st.st_mtime_ns}"
-    return job_fingerprint(step=name, **params)
+    return results.job_fingerprint(step=name, **params)
 
 
 # ------------------------------------------------------------------------- running
 
 def _dataset_step(name, opts, budget, echo):
     """generate / ingest, skipped when the output is this step's complete dataset."""
-    import zarr
-
-    from . import storage
+    from . import store
+    from .store.ingest import ingest
 
     out, fp = opts["out"], _fingerprint(name, opts)
     overwrite = opts["overwrite"]
-    if storage._exists(out):
-        try:
-            meta = dict(zarr.open_group(store=out, mode="r").attrs.get("pipeline", {}))
-        except Exception:  # noqa: BLE001 - refused below unless overwrite
-            meta = {}
-        if meta.get("kind") == "dataset" and meta.get("complete") and meta.get("step") == fp and not overwrite:
-            return {"status": "skipped: already complete for the same parameters", "output": out}
-        if meta.get("kind") == "dataset" and not meta.get("complete"):
-            storage.acquire_lock(out)  # refuses if another job is writing it right now
-            echo("  an earlier run of this step was interrupted: writing it again")
-            overwrite = True
+    meta = None if overwrite else results.existing(out)
+    if meta and meta.get("kind") == "dataset" and meta.get("complete") and meta.get("job") == fp:
+        return {"status": "skipped: already complete for the same parameters", "output": out}
+    if meta and meta.get("kind") == "dataset" and not meta.get("complete"):
+        echo("  an earlier run of this step was interrupted: writing it again")
+        overwrite = True  # the writer's lock still refuses while another job is writing it
+    common = dict(overwrite=overwrite, memory_budget=budget, job=fp)
     if name == "generate":
-        common = dict(random_state=opts["seed"], chunk_rows=opts["chunk_rows"], overwrite=overwrite,
-                      memory_budget=budget)
+        common.update(random_state=opts["seed"], chunk_rows=opts["chunk_rows"])
         if opts["kind"] == "blobs":
-            ds = storage.make_blobs(out, opts["n_samples"], opts["n_features"], centers=opts["centers"],
-                                    dtype=opts["dtype"], **common)
+            ds = store.make_blobs(out, opts["n_samples"], opts["n_features"], centers=opts["centers"],
+                                  dtype=opts["dtype"], **common)
         else:
-            ds = storage.make_cifar_like(out, opts["n_samples"] or 5000, opts["n_features"] or 3072,
-                                         n_classes=opts["classes"], **common)
+            ds = store.make_cifar_like(out, opts["n_samples"] or 5000, opts["n_features"] or 3072,
+                                       n_classes=opts["classes"], **common)
     else:
-        ds = storage.ingest(opts["src"], out, labels=opts["labels"], chunk_rows=opts["chunk_rows"],
-                            overwrite=overwrite, memory_budget=budget)
-    # Recorded after the dataset is complete: a rerun of the same step skips it.
-    g = zarr.open_group(store=out, mode="r+")
-    g.attrs["pipeline"] = {**dict(g.attrs["pipeline"]), "step": fp}
+        ds = ingest(opts["src"], out, labels=opts["labels"], chunk_rows=opts["chunk_rows"], **common)
     return {"status": "complete", "shape": f"{ds.n_samples} x {ds.n_features}", "dtype": str(ds.X.dtype),
             "output": out}
 
@@ -368,16 +354,13 @@ def run_job(path, *, memory_budget=None, scheduler=None, progress=None, check_on
     >>> from pipeline.jobs import run_job                  # doctest: +SKIP
     >>> run_job("examples/knn.yaml")                       # doctest: +SKIP
     """
-    from .budget import parse_budget
-    from .cluster import _parse_scheduler, connect
-
     job = load_job(path)
     settings = dict(job.settings)
     if memory_budget is not None:
         parse_budget(memory_budget, name="--memory-budget")
         settings["memory_budget"] = memory_budget
     if scheduler is not None:
-        settings["scheduler"] = _parse_scheduler(scheduler)
+        settings["scheduler"] = parse_scheduler(scheduler)
     echo(f"job {job.path}: {len(job.steps)} step(s) checked")
     if check_only:
         return []

@@ -29,16 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .distances import _read, _source_key, _thread_buffers, _work
-from .errors import InputError
+from .budget import plan
+from .errors import InputError, PipelineError
 from .estimator import BaseEstimator
+from .inputs import as_rows
 from .kernels import gaussian as _g
 from .kernels import kmeans as _km
+from .runtime import (compute, delayed_of, persist, reduce_tree, shared_key, source_key, thread_buffers,
+                      thread_work)
+from .store.reads import read_block
+from .store.results import ResultWriter, content_identity, job_fingerprint, open_result
 
 __all__ = ["GaussianMixture", "ConvergenceWarning", "em_step", "fit_to_store", "predict_to_store"]
 
 _INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
-_SPLIT_EVERY = 4  # the cost model's tree width (budget._cost_gmm)
+_SPLIT_EVERY = 4  # the cost model's tree width (budget.cost_gmm)
 
 
 class ConvergenceWarning(UserWarning):
@@ -47,96 +52,62 @@ class ConvergenceWarning(UserWarning):
 
 # ---------------------------------------------------------------------------- graphs
 
-def _plan(X, n_components, memory_budget, source=None):
-    """The plan for X (a dask array); ``source``, the user's input, tells the stored chunks."""
-    from .budget import plan
-    from .storage import zarr_source
-
-    z = zarr_source(source) if source is not None and not hasattr(source, "dask") else None
-    return plan("gmm", n_samples=X.shape[0], n_features=X.shape[1], n_components=n_components,
-                itemsize=X.dtype.itemsize, memory_budget=memory_budget,
-                chunk_rows=z.chunks[0] if z is not None else None)
-
-
-def _as_dask(X, rows=None):
-    from .storage import as_array
-
-    return as_array(X, name="X", rows=rows)
+def _plan(source, n_components, memory_budget):
+    """The EM plan for a row source (its stored chunks align the blocks)."""
+    return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=n_components,
+                itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows)
 
 
 def _block_offsets(X):
     return np.concatenate([[0], np.cumsum(X.chunks[0])]).astype(np.int64)
 
 
-def _shared(obj, stage, token):
-    """One graph key holding ``obj`` (the iteration's parameters)."""
-    from dask.delayed import delayed
+def _stored_block(chunk, src, start, stop, *args):
+    """Task: ``chunk`` of rows ``start .. stop - 1`` read from the store into the thread's buffer.
 
-    return delayed(obj, name=f"pipeline-{stage}-params-{token}", traverse=False)
+    No separate read task (whose block would stay alive until its consumer runs), no
+    fresh block per task.
+    """
+    return chunk(read_block(src, start, stop, thread_work()), *args)
 
 
 def _reduce_blocks(X, chunk, combine, shared, stage, *, split_every=_SPLIT_EVERY, offsets=False,
                    extras=None, store=None):
-    """Lazy tree reduction of ``chunk(block, shared[, row_start])`` over X's row blocks.
+    """Lazy tree reduction of ``chunk(block, shared[, row_start][, extra])`` over X's row blocks.
 
-    Task keys read ``pipeline-<stage>-chunk-<token>`` and ``pipeline-<stage>-combine<level>-<token>``;
-    ``combine`` takes a list and must be associative (the tree's shape depends on
-    ``split_every`` only).  With ``store`` (the Zarr array behind X) ``block`` is
-    ``(store, start, stop)`` instead, for a chunk that reads its own rows; the store
-    is one graph key (its path and metadata, never its data).
+    Task keys read ``pipeline-<stage>-chunk-<token>`` and ``pipeline-<stage>-combine-<token>``
+    (:func:`pipeline.runtime.reduce_tree`); ``shared`` is one key,
+    ``pipeline-<stage>-params-<token>``.  With ``store`` (the Zarr array behind X) the
+    chunks read their own rows; the store is one graph key (its path and metadata,
+    never its data).
     """
     from dask.base import tokenize
     from dask.delayed import delayed
 
     token = tokenize(X.name, shared, stage, split_every, getattr(chunk, "__name__", chunk),
                      None if extras is None else [e.key for e in extras], store is not None)
-    params = _shared(shared, stage, token)
+    params = shared_key(shared, f"pipeline-{stage}-params-{token}")
     starts = _block_offsets(X)
     if store is None:
-        blocks = X.to_delayed(optimize_graph=True).ravel()
+        heads = [(chunk, block) for block in X.to_delayed(optimize_graph=True).ravel()]
     else:
-        src = _source_key(store, f"pipeline-{stage}-source")
-        blocks = [(src, int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-    parts = []
-    for i, block in enumerate(blocks):
-        args = (block, params, int(starts[i])) if offsets else (block, params)
-        if extras is not None:
-            args = args + (extras[i],)
-        parts.append(delayed(chunk, pure=True)(*args, dask_key_name=(f"pipeline-{stage}-chunk-{token}", i)))
-    level = 0
-    while len(parts) > 1:
-        level += 1
-        parts = [delayed(combine, pure=True)(parts[j:j + split_every],
-                                              dask_key_name=(f"pipeline-{stage}-combine{level}-{token}", j))
-                 for j in range(0, len(parts), split_every)]
-    return parts[0]
-
-
-def _compute(*objs, label=None):
-    from .cluster import compute
-
-    return compute(*objs, label=label)
-
-
-def _persist(*objs):
-    """dask.persist with BLAS threads limited as pipeline.cluster.compute does."""
-    import dask
-    from threadpoolctl import threadpool_limits
-
-    from .cluster import blas_threads_for, dask_threads
-
-    with threadpool_limits(limits=blas_threads_for(dask_threads()), user_api="blas"):
-        return dask.persist(*objs)
+        src = source_key(store, f"pipeline-{stage}-source")
+        heads = [(_stored_block, chunk, src, int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+    # The leaves as delayed calls: their arguments (blocks, persisted or remote ones
+    # too) are dask collections that dask itself resolves.
+    leaves = [delayed(head[0], pure=True)(*head[1:], params, *((int(starts[i]),) if offsets else ()),
+                                          *((extras[i],) if extras is not None else ()),
+                                          dask_key_name=(f"pipeline-{stage}-chunk-{token}", i))
+              for i, head in enumerate(heads)]
+    dsk = {}
+    root = reduce_tree(dsk, [leaf.key for leaf in leaves], combine, f"pipeline-{stage}-combine-{token}",
+                       split_every=split_every)
+    return delayed_of(dsk, root, leaves)
 
 
 def _em_chunk(block, prepared):
-    if isinstance(block, tuple):
-        # (Zarr array, first row, stop): the task reads its own rows into its
-        # thread's reused buffer (no separate read task, no fresh block per task).
-        src, start, stop = block
-        block = _read(src, (start, stop - 1), _work())
     # The thread's scratch dict: the slice buffers survive from block to block too.
-    return _g.em_block_stats(block, prepared=prepared, work=_work())
+    return _g.em_block_stats(block, prepared=prepared, work=thread_work())
 
 
 def _em_stats_graph(X, weights, means, precisions_cholesky, shift, component_group, split_every,
@@ -179,7 +150,7 @@ def _em_step_grouped(X, weights, means, precisions_cholesky, shift, group, split
         part = X.map_blocks(_lse_chunk, dask.delayed(prep(a, b), traverse=False), drop_axis=1,
                             dtype=np.float64, token=f"pipeline-em-lse{i}")
         # Persist group by group: the running normaliser is (n,), the graph stays small.
-        (lse,) = _persist(part if lse is None else da.logaddexp(lse, part))
+        (lse,) = persist(part if lse is None else da.logaddexp(lse, part))
     lse_blocks = lse.to_delayed().ravel()
     out = None
     for a, b in bounds:
@@ -187,7 +158,7 @@ def _em_step_grouped(X, weights, means, precisions_cholesky, shift, group, split
         # Separate computes per group: only one group's statistics are alive at a time.
         graph = _reduce_blocks(X, _group_stats_chunk, _g.combine_stats, p, "em-group",
                                split_every=split_every, extras=lse_blocks)
-        (stats,) = _compute(graph, label="EM (component group)")
+        (stats,) = compute(graph, label="EM (component group)")
         if out is None:
             d = X.shape[1]
             out = {"N": np.zeros(K), "S1": np.zeros((K, d)), "S2": np.zeros((K, d, d)),
@@ -195,7 +166,7 @@ def _em_step_grouped(X, weights, means, precisions_cholesky, shift, group, split
         out["N"][a:b] = stats["N"]
         out["S1"][a:b] = stats["S1"]
         out["S2"][a:b] = stats["S2"]
-    (ll,) = _compute(lse.sum(), label="EM (log-likelihood)")
+    (ll,) = compute(lse.sum(), label="EM (log-likelihood)")
     out["log_likelihood"] = float(ll)
     return out
 
@@ -209,7 +180,7 @@ def _group_stats_chunk(block, prepared, lse):
 
 
 def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift=None,
-            split_every=None, plan=None, _store=None):
+            split_every=None, plan=None):
     """One fused E+M pass over ``X``: the sufficient statistics of an EM iteration.
 
     Parameters
@@ -227,9 +198,6 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
         Width of the summation tree.
     plan : Plan, optional
         A plan from ``pipeline.plan("gmm", ...)`` (default: made from the budget).
-    _store : zarr.Array, optional
-        The Zarr array behind a dask ``X`` (internal: lets the tasks read their own
-        rows into reused buffers).
 
     Returns
     -------
@@ -247,26 +215,27 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
     >>> s["N"], s["n"]
     (array([100.]), 100)
     """
-    source, X = X, _as_dask(X)
+    source = as_rows(X, "X")
+    if plan is None:
+        plan = _plan(source, len(weights), memory_budget)
+    with thread_buffers():
+        return _em_pass(source.dask(rows=plan["rows"]), source.zarr, weights, means, precisions_cholesky,
+                        plan, shift=shift, split_every=split_every)
+
+
+def _em_pass(X, store, weights, means, precisions_cholesky, plan, *, shift=None, split_every=None):
+    """One E+M pass over the dask array ``X`` in the plan's blocks; ``store``, the Zarr
+    array behind it (its tasks then read their own rows), or None."""
     weights = np.asarray(weights, dtype=np.float64)
     means = np.asarray(means, dtype=np.float64)
     precisions_cholesky = np.asarray(precisions_cholesky, dtype=np.float64)
     shift = means if shift is None else np.asarray(shift, dtype=np.float64)
-    if plan is None:
-        plan = _plan(X, len(weights), memory_budget, source=source)
-    X = _as_dask(source, rows=plan["rows"])
     split_every = split_every or _SPLIT_EVERY
     if plan["component_groups"] > 1:
         return _em_step_grouped(X, weights, means, precisions_cholesky, shift,
                                 plan["component_group"], split_every)
-    if _store is None and not hasattr(source, "dask"):
-        from .storage import zarr_source
-
-        _store = zarr_source(source)
-    graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every,
-                            store=_store)
-    with _thread_buffers():
-        (stats,) = _compute(graph, label="EM iteration")
+    graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every, store=store)
+    (stats,) = compute(graph, label="EM iteration")
     return stats
 
 
@@ -286,7 +255,7 @@ def _combine_finite(parts):
 def _check_finite(X, name="X"):
     if not np.issubdtype(X.dtype, np.floating):
         return
-    (res,) = _compute(_reduce_blocks(X, _check_finite_chunk, _combine_finite, None, "gmm-check",
+    (res,) = compute(_reduce_blocks(X, _check_finite_chunk, _combine_finite, None, "gmm-check",
                                      offsets=True, split_every=16), label="checking X")
     if res["count"]:
         rows = ", ".join(str(r) for r in res["first"])
@@ -315,7 +284,7 @@ def _rows_at(X, indices):
     """X[indices] for a few global rows (reads only the blocks holding them)."""
     idx = np.asarray(indices, dtype=np.int64)
     order = np.argsort(idx, kind="stable")
-    (rows,) = _compute(X[idx[order]], label=None)
+    (rows,) = compute(X[idx[order]], label=None)
     out = np.empty((len(idx), X.shape[1]))
     out[order] = rows
     return out
@@ -341,7 +310,7 @@ def _kmeans_plusplus(X, n_clusters, rs):
     indices = [first]
     centers = _rows_at(X, [first])
     starts = _block_offsets(X)
-    (pots,) = _compute(_reduce_blocks(X, _kpp_chunk, _concat, {"centers": centers, "candidates": centers[:0]},
+    (pots,) = compute(_reduce_blocks(X, _kpp_chunk, _concat, {"centers": centers, "candidates": centers[:0]},
                                       "kmeans-init", split_every=32), label="k-means++")
     block_pot = pots[:, -1]
     for _ in range(1, n_clusters):
@@ -356,7 +325,7 @@ def _kmeans_plusplus(X, n_clusters, rs):
             blk = _rows_at(X, np.arange(starts[j], starts[j + 1]))
             cand_idx[sel] = starts[j] + _km.kpp_locate(blk, centers, targets[sel] - before)
         cands = _rows_at(X, cand_idx)
-        (pots,) = _compute(_reduce_blocks(X, _kpp_chunk, _concat, {"centers": centers, "candidates": cands},
+        (pots,) = compute(_reduce_blocks(X, _kpp_chunk, _concat, {"centers": centers, "candidates": cands},
                                           "kmeans-init", split_every=32), label="k-means++")
         best = int(np.argmin(pots[:, :-1].sum(axis=0)))
         block_pot = pots[:, best]
@@ -375,12 +344,12 @@ def _moments_chunk(block, _shared):
 
 def _kmeans(X, n_clusters, rs, max_iter=300, tol=1e-4):
     """Lloyd's k-means from k-means++ seeds, as ``KMeans(n_init=1)`` in scikit-learn."""
-    (mom,) = _compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"),
+    (mom,) = compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"),
                       label="k-means")
     tol = float(np.mean(mom[2] / mom[0])) * tol
     centers, _ = _kmeans_plusplus(X, n_clusters, rs)
     for _ in range(max_iter):
-        (stats,) = _compute(_reduce_blocks(X, _lloyd_chunk, _km.combine_lloyd,
+        (stats,) = compute(_reduce_blocks(X, _lloyd_chunk, _km.combine_lloyd,
                                            {"centers": centers, "n_far": n_clusters}, "kmeans-lloyd"),
                             label="k-means")
         centers, shift = _km.lloyd_update(stats, centers)
@@ -426,12 +395,12 @@ def _initial_parameters(X, K, init_params, rs, reg_covar):
         return _g.params_from_stats(stats, rows, reg_covar, n_samples=n)
     else:  # random
         # Shift: the overall mean (each component's mean is close to it at the start).
-        (mom,) = _compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"))
+        (mom,) = compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"))
         shift = np.repeat(mom[1][None, :], K, axis=0)
         key = int(rs.randint(np.iinfo(np.int32).max))
         graph = _reduce_blocks(X, _random_resp_chunk, _g.combine_stats,
                                {"K": K, "key": key, "shift": shift}, "gmm-init", offsets=True)
-    (stats,) = _compute(graph, label="initialising")
+    (stats,) = compute(graph, label="initialising")
     return _g.params_from_stats(stats, shift, reg_covar, n_samples=n)
 
 
@@ -573,17 +542,14 @@ class GaussianMixture(BaseEstimator):
 
     def _fit(self, X, callback=None, state=None):
         """Run EM; ``state`` resumes (params, n_iter, lower_bound, history)."""
-        with _thread_buffers():  # the tasks' scratch buffers live as long as the fit
+        with thread_buffers():  # the tasks' scratch buffers live as long as the fit
             return self._fit_em(X, callback, state)
 
     def _fit_em(self, X, callback, state):
-        from .storage import zarr_source
-
-        X0 = _as_dask(X)
-        w, m, pc = self._validate(X0)
-        plan = _plan(X0, self.n_components, self.memory_budget, source=X)
-        store = None if hasattr(X, "dask") else zarr_source(X)
-        X = _as_dask(X, rows=plan["rows"])
+        source = as_rows(X, "X")
+        w, m, pc = self._validate(source)
+        plan = _plan(source, self.n_components, self.memory_budget)
+        X = source.dask(rows=plan["rows"])
         self.plan_ = plan
         if state is None:
             _check_finite(X)
@@ -612,8 +578,8 @@ class GaussianMixture(BaseEstimator):
             for n_iter in range(start + 1, self.max_iter + 1):
                 prev = lower_bound
                 t0 = time.perf_counter()
-                stats = em_step(X, params["weights"], params["means"], params["precisions_cholesky"],
-                                plan=plan, _store=store)
+                stats = _em_pass(X, source.zarr, params["weights"], params["means"],
+                                 params["precisions_cholesky"], plan)
                 lower_bound = _g.mean_log_likelihood(stats)
                 shift = params["means"]
                 # Drop theta_t's (K, d, d) arrays before the M-step allocates theta_{t+1}'s
@@ -672,8 +638,6 @@ class GaussianMixture(BaseEstimator):
     # --------------------------------------------------------------- prediction
     def _check_fitted(self):
         if not hasattr(self, "precisions_cholesky_"):
-            from .errors import PipelineError
-
             raise PipelineError("This GaussianMixture instance is not fitted yet; call fit first")
 
     def _weighted_log_prob_lazy(self, X):
@@ -681,12 +645,12 @@ class GaussianMixture(BaseEstimator):
         import dask
 
         self._check_fitted()
-        Xd = _as_dask(X)
-        if Xd.shape[1] != self.means_.shape[1]:
-            raise InputError(f"X has {Xd.shape[1]} features but the model was fitted with "
+        source = as_rows(X, "X")
+        if source.shape[1] != self.means_.shape[1]:
+            raise InputError(f"X has {source.shape[1]} features but the model was fitted with "
                              f"{self.means_.shape[1]}")
-        plan = _plan(Xd, self.n_components, self.memory_budget, source=X)
-        Xd = _as_dask(X, rows=plan["rows"])
+        plan = _plan(source, self.n_components, self.memory_budget)
+        Xd = source.dask(rows=plan["rows"])
         prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_)
         shared = dask.delayed(prepared, traverse=False)
         K = self.n_components
@@ -696,7 +660,7 @@ class GaussianMixture(BaseEstimator):
     @staticmethod
     def _finish(X, lazy):
         if isinstance(X, np.ndarray) or not _is_lazy_input(X):
-            (out,) = _compute(lazy)
+            (out,) = compute(lazy)
             return out
         return lazy
 
@@ -710,7 +674,7 @@ class GaussianMixture(BaseEstimator):
         """Mean log-likelihood of X under the model (a float)."""
         wlp = self._weighted_log_prob_lazy(X)
         s = wlp.map_blocks(_lse_block, drop_axis=1, dtype=np.float64, token="pipeline-gmm-score")
-        (total,) = _compute(s.sum())
+        (total,) = compute(s.sum())
         return float(total) / wlp.shape[0]
 
     def predict(self, X):
@@ -752,12 +716,6 @@ def _proba_block(wlp):
 
 # -------------------------------------------------------------------- stored jobs
 
-def _source_name(data):
-    if isinstance(data, (str, Path)):
-        return str(data)
-    return f"<{type(data).__name__} {getattr(data, 'shape', '')}>"
-
-
 def _save_model(group, params, n_iter, lower_bound, history, converged, job):
     K, d = params["means"].shape
     cov = params.get("covariances")
@@ -780,12 +738,12 @@ def _save_model(group, params, n_iter, lower_bound, history, converged, job):
 
 def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg_covar=1e-6,
                  init_params="kmeans", random_state=0, memory_budget=None, overwrite=False,
-                 verbose=0):
+                 verbose=0, on_iteration=None):
     """Fit a mixture on a stored dataset, saving the model after every iteration.
 
-    Rerun on an incomplete model of the same job, it resumes from the last saved
-    iteration (the same EM path as an uninterrupted run); on a complete one it says
-    so and returns.
+    Rerun on an incomplete model of the same job (the same data, by content, and the
+    same parameters), it resumes from the last saved iteration (the same EM path as
+    an uninterrupted run); on a complete one it says so and returns.
 
     Parameters
     ----------
@@ -798,6 +756,8 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     memory_budget : int or str, optional
     overwrite : bool
         Replace whatever is at ``model_url``.
+    on_iteration : callable, optional
+        Called with the iteration's number once it is saved.
 
     Returns
     -------
@@ -812,88 +772,72 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     ...              memory_budget="64MiB")["status"]
     'complete'
     """
-    import zarr
-
-    from .storage import (_exists, _test_pause, _url, acquire_lock, job_fingerprint, mark_complete,
-                          open_result_for_write, release_lock)
-
     t0 = time.perf_counter()
-    model_url = _url(model_url)
-    job = job_fingerprint(data=_source_name(data), n_components=n_components, max_iter=max_iter,
+    source = as_rows(data, "X")
+    job = job_fingerprint(data=source.identity(), n_components=n_components, max_iter=max_iter,
                           tol=tol, reg_covar=reg_covar, init_params=init_params,
                           random_state=random_state)
     gm = GaussianMixture(n_components=n_components, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
                          init_params=init_params, random_state=random_state,
                          memory_budget=memory_budget, verbose=verbose)
     # Bad input and impossible budgets fail before anything is written at model_url.
-    X0 = _as_dask(data)
-    gm._validate(X0)
-    _plan(X0, n_components, memory_budget, source=data)
-    state = None
-    group = None
-    acquire_lock(model_url)  # another job fitting into model_url: refuse before touching it
-    if _exists(model_url) and not overwrite:
-        try:
-            existing = zarr.open_group(store=model_url, mode="r+")
-            meta = dict(existing.attrs.get("pipeline", {}))
-        except Exception:  # noqa: BLE001 - unreadable: leave it to open_result_for_write
-            meta = {}
-        if meta.get("kind") == "gmm" and meta.get("job") == job and not meta.get("complete"):
-            # The iteration's parameters sit in the checkpoint the attributes name (written
-            # whole before the attributes switch to it); older models kept them at the top.
-            saved = existing[meta["checkpoint"]] if meta.get("checkpoint") in existing else existing
-            if "precisions_cholesky" in saved and meta.get("n_iter") is not None:
-                group = existing
-                lb = meta.get("lower_bound")
-                state = {"params": {"weights": saved["weights"][...], "means": saved["means"][...],
-                                    "covariances": saved["covariances"][...],
-                                    "precisions_cholesky": saved["precisions_cholesky"][...]},
-                         "n_iter": int(meta["n_iter"]), "history": meta.get("history", []),
-                         "lower_bound": -np.inf if lb is None else float(lb),
-                         "converged": meta.get("converged", False)}
-            else:
-                overwrite = True  # nothing useful saved yet: start again
-    if group is None:
-        group, status = open_result_for_write(model_url, "gmm", job, overwrite=overwrite)
-        if status == "complete":
-            meta = dict(group.attrs["pipeline"])
-            return {"model": model_url, "status": "already complete (same job); nothing to do",
+    gm._validate(source)
+    _plan(source, n_components, memory_budget)
+    with ResultWriter(model_url, "gmm", job, overwrite=overwrite, resume=True) as result:
+        if result.status == "complete":
+            meta = result.attrs
+            return {"model": str(model_url), "status": "already complete (same job); nothing to do",
                     "n_iter": meta.get("n_iter"), "converged": meta.get("converged"),
                     "lower_bound": meta.get("lower_bound")}
+        state = _checkpoint_state(result) if result.status == "resume" else None
+        if result.status == "resume" and state is None:
+            result.restart()  # nothing useful saved yet: start again
+        group = result.group
 
-    def save(params, n_iter, lower_bound, history, converged):
-        # Iteration t goes to checkpoint group _iter<t % 2>, and the one attributes write
-        # that records n_iter also points at it: a crash mid-save leaves the previous
-        # iteration's checkpoint whole and named.
-        name = f"_iter{n_iter % 2}"
-        if name not in group:
-            group.create_group(name)
-        _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job)
-        _test_pause()
+        def save(params, n_iter, lower_bound, history, converged):
+            # Iteration t goes to checkpoint group _iter<t % 2>, and the one attributes write
+            # that records n_iter also points at it: a crash mid-save leaves the previous
+            # iteration's checkpoint whole and named.
+            name = f"_iter{n_iter % 2}"
+            if name not in group:
+                group.create_group(name)
+            _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job)
+            if on_iteration is not None:
+                on_iteration(n_iter)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the summary instead
-        try:
-            gm._fit(data, callback=save, state=state)
-        except BaseException:
-            release_lock(model_url)  # the saved iterations stay: any process may resume them
-            raise
-    final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
-             "precisions_cholesky": gm.precisions_cholesky_}
-    _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job)
-    for name in ("_iter0", "_iter1"):
-        if name in group:
-            del group[name]
-    meta = dict(group.attrs["pipeline"])
-    meta.pop("checkpoint", None)
-    group.attrs["pipeline"] = meta
-    mark_complete(group, converged=bool(gm.converged_), n_iter=int(gm.n_iter_),
-                  lower_bound=float(gm.lower_bound_))
-    return {"model": model_url, "status": "complete",
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the summary instead
+            gm._fit(source, callback=save, state=state)
+        final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
+                 "precisions_cholesky": gm.precisions_cholesky_}
+        _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job)
+        for name in ("_iter0", "_iter1"):
+            if name in group:
+                del group[name]
+        meta = dict(group.attrs["pipeline"])
+        meta.pop("checkpoint", None)
+        group.attrs["pipeline"] = meta
+        result.complete(converged=bool(gm.converged_), n_iter=int(gm.n_iter_), lower_bound=float(gm.lower_bound_))
+    return {"model": str(model_url), "status": "complete",
             "resumed_from_iteration": None if state is None else state["n_iter"],
             "n_iter": int(gm.n_iter_), "converged": bool(gm.converged_),
             "lower_bound": float(gm.lower_bound_), "rows_per_block": gm.plan_["rows"],
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _checkpoint_state(result):
+    """The last saved iteration of an incomplete model, as ``GaussianMixture._fit``'s state, or None."""
+    meta = result.attrs
+    group = result.group
+    # The iteration's parameters sit in the checkpoint the attributes name (written
+    # whole before the attributes switch to it); older models kept them at the top.
+    saved = group[meta["checkpoint"]] if meta.get("checkpoint") in group else group
+    if "precisions_cholesky" not in saved or meta.get("n_iter") is None:
+        return None
+    lb = meta.get("lower_bound")
+    return {"params": {name: saved[name][...] for name in ("weights", "means", "covariances", "precisions_cholesky")},
+            "n_iter": int(meta["n_iter"]), "history": meta.get("history", []),
+            "lower_bound": -np.inf if lb is None else float(lb), "converged": meta.get("converged", False)}
 
 
 class _Checkpoint:
@@ -940,8 +884,6 @@ def load_model(model_url, memory_budget=None):
     >>> load_model("memory://doc/gmm-m2").n_components
     2
     """
-    from .storage import open_result
-
     g = open_result(model_url, kind="gmm")
     meta = dict(g.attrs["pipeline"])
     gm = GaussianMixture(n_components=int(meta["n_components"]), memory_budget=memory_budget)
@@ -962,7 +904,7 @@ def _labels_block(wlp):
     return wlp.argmax(axis=1).astype(np.int64)
 
 
-def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=False):
+def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=False, on_block=None):
     """Label a dataset with a stored model; writes ``labels`` and ``log_likelihood``.
 
     The output group has ``kind: gmm-predictions``, arrays ``labels`` (n,) int64 and
@@ -981,36 +923,25 @@ def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=Fals
     >>> predict_to_store("memory://doc/gmm-m3", "memory://doc/gmm-d3", "memory://doc/gmm-p3")["n_samples"]
     200
     """
-    from .storage import (job_fingerprint, mark_complete, open_result_for_write, release_lock, source_identity,
-                          write_blocks)
-
     t0 = time.perf_counter()
     gm = load_model(model_url, memory_budget=memory_budget)
     wlp = gm._weighted_log_prob_lazy(data)
-    job = job_fingerprint(model=source_identity(model_url), data=source_identity(data))
-    group, status = open_result_for_write(out, "gmm-predictions", job, overwrite=overwrite, resume=True)
-    if status == "complete":
-        return {"out": str(out), "status": "already complete (same job); nothing to do"}
-    if status == "resume" and "labels" in group and group["labels"].chunks[0] != wlp.chunks[0][0]:
-        # Started with other blocks (another budget): a pass is cheap, start again.
-        group, status = open_result_for_write(out, "gmm-predictions", job, overwrite=True)
-    rows = wlp.chunks[0]
-    labels = wlp.map_blocks(_labels_block, drop_axis=1, dtype=np.int64, token="pipeline-gmm-labels")
-    ll = wlp.map_blocks(_lse_block, drop_axis=1, dtype=np.float64, token="pipeline-gmm-score")
-    pairs = []
-    for name, arr in (("labels", labels), ("log_likelihood", ll)):
-        target = group[name] if name in group else group.create_array(
-            name, shape=arr.shape, dtype=arr.dtype, chunks=(rows[0],), config={"write_empty_chunks": True})
-        pairs.append((arr, target))
-    writes, written, kept = write_blocks(group, pairs, "gmm-predict-write")
-    if writes is not None:
-        try:
-            _compute(writes, label="predicting")
-        except BaseException:
-            release_lock(str(out))  # left incomplete: any process may resume it now
-            raise
-    total = float(np.sum(group["log_likelihood"][...]))  # 8 bytes a row, read back: resumes too
-    n = wlp.shape[0]
-    mark_complete(group, n_samples=int(n), mean_log_likelihood=float(total) / n, model=str(model_url))
+    job = job_fingerprint(model=content_identity(model_url), data=content_identity(data))
+    with ResultWriter(out, "gmm-predictions", job, overwrite=overwrite, resume=True, on_block=on_block) as result:
+        if result.status == "complete":
+            return {"out": str(out), "status": "already complete (same job); nothing to do"}
+        if "labels" in result.group and result.group["labels"].chunks[0] != wlp.chunks[0][0]:
+            result.restart()  # started with other blocks (another budget): a pass is cheap, start again
+        rows = wlp.chunks[0]
+        labels = wlp.map_blocks(_labels_block, drop_axis=1, dtype=np.int64, token="pipeline-gmm-labels")
+        ll = wlp.map_blocks(_lse_block, drop_axis=1, dtype=np.float64, token="pipeline-gmm-score")
+        pairs = [(arr, result.array(name, arr.shape, (rows[0],), arr.dtype))
+                 for name, arr in (("labels", labels), ("log_likelihood", ll))]
+        writes, written, kept = result.write_blocks(pairs, "gmm-predict-write")
+        if writes is not None:
+            compute(writes, label="predicting")
+        total = float(np.sum(result.group["log_likelihood"][...]))  # 8 bytes a row, read back: resumes too
+        n = wlp.shape[0]
+        result.complete(n_samples=int(n), mean_log_likelihood=float(total) / n, model=str(model_url))
     return {"out": str(out), "status": "complete", "n_samples": int(n),
             "mean_log_likelihood": float(total) / n, "seconds": round(time.perf_counter() - t0, 3)}

@@ -2,8 +2,8 @@
 
 Graph (no numerics here; the kernels are in :mod:`pipeline.kernels.topk`), plain dask
 with no dask.array, whose import (and the scipy modules it loads) would cost about
-half a second of every k-NN run.  Inputs are :class:`_Rows`: a Zarr array read inside
-the tasks, an in-memory array (one key) or a dask array's blocks.
+half a second of every k-NN run.  Inputs are :class:`pipeline.inputs.RowSource`: a Zarr
+array read inside the tasks, an in-memory array (one key) or a dask array's blocks.
 
 * ``pipeline-knn-shift``: the mean of the first training rows, a (d,) vector, one
   shared key.  Both sets are centred on it before the GEMM, which keeps the float32
@@ -38,10 +38,13 @@ import uuid
 
 import numpy as np
 
-from .distances import _align, _read, _thread_buffers, _work
+from .budget import align_rows, cost_knn, parse_budget, plan
 from .errors import InputError
 from .estimator import BaseEstimator
+from .inputs import as_labels, as_rows, check_same_features, rows_of
 from .kernels import topk as _topk
+from .runtime import compute, dask_threads, delayed_of, reduce_tree, thread_buffers, thread_work
+from .store.results import ResultWriter, job_fingerprint
 
 __all__ = ["kneighbors", "KNeighborsClassifier", "write_knn"]
 
@@ -60,25 +63,14 @@ def _check_k(k, n_train, name="n_neighbors"):
     return int(k)
 
 
-def _check_features(Xd, Yd, xname="X", yname="Y"):
-    if Xd.shape[1] != Yd.shape[1]:
-        raise InputError(
-            f"{xname} has {Xd.shape[1]} features but {yname} has {Yd.shape[1]}; both sets need the same number of columns"
-        )
-
-
 def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
     """Open both sets, validate them and plan their blocks.
 
-    Returns ``(X, Y, k, plan, query_blocks, train_blocks)``: the sets as
-    :class:`_Rows`, the blocks as ``(start, stop)`` row ranges.
+    Returns ``(X, Y, k, plan, query_blocks, train_blocks)``: the sets as row sources
+    (:class:`pipeline.inputs.RowSource`), the blocks as ``(start, stop)`` row ranges.
     """
-    from .budget import parse_budget, plan
-    from .cluster import dask_threads
-    from .distances import _open_source
-
-    X, Y = _Rows(_open_source(X), "X"), _Rows(_open_source(Y), "Y")
-    _check_features(X, Y)
+    X, Y = as_rows(X, "X"), as_rows(Y, "Y")
+    check_same_features(X, Y)
     k = _check_k(k, Y.shape[0])
     itemsize = max(X.dtype.itemsize, Y.dtype.itemsize)
     budget, threads = parse_budget(memory_budget), dask_threads()
@@ -96,7 +88,7 @@ def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
     if train_rows is None:
         bt = _grow_train_rows(p, bt, k, threads, budget, Y.shape[0])
         if ct:
-            bt = _align(bt, ct, Y.shape[0])  # whole Zarr chunks per block: each decoded once
+            bt = align_rows(bt, ct, Y.shape[0])  # whole Zarr chunks per block: each decoded once
         sizes = _balanced(Y.shape[0], bt, ct, threads)
     else:
         sizes = _even(Y.shape[0], bt)
@@ -149,14 +141,12 @@ def _grow_train_rows(p, bt, k, threads, budget, n_train):
     under a tenth of the GEMM.  The planner's smaller blocks (more tasks than threads,
     for overlap) are kept when they are already that wide.
     """
-    from .budget import _cost_knn
-
     want = min(n_train, 400 * (k + _default_margin(k)))
     if bt >= want:
         return bt
 
     def fits(t):
-        items = _cost_knn(p["query_rows"], t, n_features=p.shape["n_features"], itemsize=p.shape["itemsize"],
+        items = cost_knn(p["query_rows"], t, n_features=p.shape["n_features"], itemsize=p.shape["itemsize"],
                           k=k, threads=threads, n_train_blocks=math.ceil(n_train / t))
         return sum(i.total for i in items) <= budget
 
@@ -167,92 +157,7 @@ def _grow_train_rows(p, bt, k, threads, budget, n_train):
     return lo
 
 
-# ----------------------------------------------------------------------------- sources
-
-class _Rows:
-    """Rows ``lo .. hi - 1`` of one input set, as the graph hands them to tasks.
-
-    ``kind`` says where the rows are: ``"zarr"`` (a Zarr array, read inside the tasks
-    that use them: no block is held between tasks), ``"numpy"`` (an in-memory array,
-    one graph key that tasks slice) or ``"dask"`` (a dask array, rechunked to the
-    plan's blocks).  Zarr and NumPy inputs build the graph without dask.array, whose
-    import (with the scipy modules it loads) costs about half a second.
-    """
-
-    def __init__(self, data, name, lo=0, hi=None):
-        import dask
-        import zarr
-
-        from .storage import Dataset, _check_safe
-
-        if isinstance(data, _Rows):
-            data, lo, hi = data.data, data.lo + lo, data.lo + (data.shape[0] if hi is None else hi)
-        if isinstance(data, Dataset):
-            data = data.X_zarr
-        if isinstance(data, zarr.Array):
-            _check_safe(data, name)
-            self.kind = "zarr"
-        elif dask.is_dask_collection(data):
-            self.kind = "dask"
-        else:
-            try:
-                data = np.asarray(data)
-            except Exception as e:  # noqa: BLE001 - anything unconvertible is bad input
-                raise InputError(f"{name} cannot be read as an array: {e}") from None
-            self.kind = "numpy"
-        if data.ndim != 2:
-            raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {data.shape}")
-        if any(math.isnan(n) for n in data.shape):
-            raise InputError(f"{name} has unknown chunk sizes (shape {data.shape}); call "
-                             "compute_chunk_sizes() on the dask array first")
-        if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
-            raise InputError(f"{name} must be numeric, got dtype {data.dtype}")
-        hi = data.shape[0] if hi is None else hi
-        if hi - lo == 0 or data.shape[1] == 0:
-            raise InputError(f"{name} is empty (shape {(hi - lo, data.shape[1])}); it needs at least one row "
-                             "and one feature")
-        self.data, self.name, self.lo, self.hi = data, name, int(lo), int(hi)
-        self.shape = (self.hi - self.lo, int(data.shape[1]))
-        self.dtype = np.dtype(data.dtype)
-        self.chunk_rows = int(data.chunks[0]) if self.kind == "zarr" else None
-
-    def take(self, idx):
-        """Rows ``idx`` (relative) as a NumPy array: the few queries of a fallback pass."""
-        idx = np.asarray(idx) + self.lo
-        if self.kind == "zarr":
-            from .storage import _checked_read
-
-            sel = (idx, slice(None))  # with the checks of any read (missing or damaged chunks)
-            return np.asarray(_checked_read(self.data, sel, lambda: self.data.get_orthogonal_selection(sel)))
-        rows = self.data[idx]
-        return rows.compute() if self.kind == "dask" else np.asarray(rows)
-
-    def pieces(self, blocks, key, dsk):
-        """Per block ``(a, b)`` (relative rows), the task arguments ``(value, a', b')``.
-
-        A task gets its rows as ``value[a':b']`` (:func:`_rows`) or reads them from the
-        Zarr array ``value``, held by the graph key ``key`` (its metadata and path,
-        never its data) or an in-memory array held by it.  Adds that key to ``dsk``;
-        returns the list and the dask collections the graph depends on.
-        """
-        if self.kind == "dask":
-            sizes = tuple(b - a for a, b in blocks)
-            arr = self.data[self.lo:self.hi]
-            if arr.chunks[1:] != tuple((n,) for n in arr.shape[1:]):
-                arr = arr.rechunk({1: arr.shape[1]})
-            arr = arr.rechunk({0: sizes})
-            keys = [key for row in arr.__dask_keys__() for key in row]
-            return [(key, 0, b - a) for key, (a, b) in zip(keys, blocks)], [arr]
-        dsk[key] = self.data
-        return [(key, self.lo + a, self.lo + b) for a, b in blocks], []
-
-
-def _rows(value, a, b, work=None):
-    """Rows ``a .. b - 1`` of a block value or Zarr array (into ``work``'s buffer if given)."""
-    if isinstance(value, np.ndarray):
-        return value[a:b]
-    return _read(value, (a, b - 1), work)
-
+# ----------------------------------------------------------------------------- tasks
 
 def _steps(value, a, b, step, work):
     """``(offset, rows)`` steps of ``a .. b - 1``, offsets relative to ``a``.
@@ -264,7 +169,7 @@ def _steps(value, a, b, step, work):
         step = _read_step(step, value.chunks[0])
     for s in range(a, b, step):
         e = min(s + step, b)
-        yield s - a, _rows(value, s, e, work)
+        yield s - a, rows_of(value, s, e, work)
 
 
 def _read_step(step, chunk):
@@ -278,17 +183,15 @@ def _read_step(step, chunk):
     return step
 
 
-# ----------------------------------------------------------------------------- tasks
-
 def _shift_task(value, a, b):
     """Task: the centring vector, mean of the first training rows (finite ones), (d,)."""
-    return _topk.finite_mean(_rows(value, a, b))[0]
+    return _topk.finite_mean(rows_of(value, a, b))[0]
 
 
 def _prepare(value, a, b, shift, start):
     """Task: one query block, prepared once for every training block."""
     with _named("X (the query set)"):
-        return _topk.prepare_queries(_rows(value, a, b), shift, offset=start)
+        return _topk.prepare_queries(rows_of(value, a, b), shift, offset=start)
 
 
 class _named:
@@ -317,7 +220,7 @@ def _part(queries, value, a, b, start, shift, *, k, margin, call):
     Steps through the block (:func:`kernels.topk.knn_steps`); indices are global
     (``start`` is the block's first training row).
     """
-    work = _work()
+    work = thread_work()
     step = _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize)
     steps = ((start + s, rows) for s, rows in _steps(value, a, b, step, work))
     try:
@@ -330,7 +233,7 @@ def _part(queries, value, a, b, start, shift, *, k, margin, call):
 
 def _exact_part(qvalue, qa, qb, value, a, b, start, *, k):
     """Task of the exact fallback: exact differences against every training row."""
-    return _topk.exact_topk_block(_rows(qvalue, qa, qb), _rows(value, a, b), k, start)
+    return _topk.exact_topk_block(rows_of(qvalue, qa, qb), rows_of(value, a, b), k, start)
 
 
 # Per query block of a k-NN call, the running bound on every query's k-th distance
@@ -396,15 +299,12 @@ def _concat(records):
 def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, exact=False, call=None):
     """Lazy (n_query,) record array of (dist, idx, ok): block tasks and a merge tree.
 
-    ``X``, ``Y``: :class:`_Rows`; ``query_blocks``, ``train_blocks``: ``(a, b)`` row
+    ``X``, ``Y``: row sources; ``query_blocks``, ``train_blocks``: ``(a, b)`` row
     ranges.  Tasks are named ``pipeline-knn-<stage>`` (dashboard, Prometheus).
     ``call``: a token unique to this graph, naming the tasks' shared bounds
     (:func:`_board`); drop them with :func:`_drop_boards` once computed.
     """
     from functools import partial
-
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
 
     tok = call or uuid.uuid4().hex
     dsk = {}
@@ -437,23 +337,13 @@ def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, 
                 key = (f"pipeline-knn-topk-{tok}", i, j)
                 dsk[key] = (task, q, *yt, starts[j], shift)
                 trees[-1].append(key)
-    roots = []
     combine, aggregate = partial(_combine, k=k), partial(_aggregate, k=k)
-    for i, level in enumerate(trees):
-        depth = 0
-        while len(level) > split_every:
-            nxt = []
-            for g in range(0, len(level), split_every):
-                key = (f"pipeline-knn-merge-{tok}", i, depth, g // split_every)
-                dsk[key] = (combine, level[g:g + split_every])
-                nxt.append(key)
-            level, depth = nxt, depth + 1
-        root = (f"pipeline-knn-merge-{tok}", i)
-        dsk[root] = (aggregate, level)
-        roots.append(root)
+    roots = [reduce_tree(dsk, leaves, combine, f"pipeline-knn-merge-{tok}", split_every=split_every,
+                         aggregate=aggregate, prefix=(i,))
+             for i, leaves in enumerate(trees)]
     final = (f"pipeline-knn-merge-{tok}",)
     dsk[final] = (_concat, roots)
-    return Delayed(final, HighLevelGraph.from_collections(final[0], dsk, dependencies=deps), layer=final[0])
+    return delayed_of(dsk, final, deps)
 
 
 def _default_margin(k):
@@ -520,7 +410,7 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
         raise InputError(f"margin={margin!r} must be a whole number >= 0")
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = max(2, int(split_every or _SPLIT_EVERY))
-    with _thread_buffers():
+    with thread_buffers():
         dist, ind = _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks)
     dist = np.sqrt(dist)
     return (dist, ind) if return_distance else ind
@@ -537,8 +427,6 @@ def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks):
 
 
 def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
-    from .cluster import compute
-
     common = dict(split_every=split_every, train_blocks=tblocks)
     (rec,) = compute(_records_graph(X, Y, k, margin=margin, query_blocks=qblocks, call=calls[0], **common),
                      label="k-NN")
@@ -549,13 +437,13 @@ def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
         # margin, and whatever is still uncertified (exact ties beyond it) by exact
         # differences against every training row.  Both passes hold only these rows.
         Xbad = X.take(bad)
-        wide = _records_graph(_Rows(Xbad, "X"), Y, k, margin=max(32, 4 * (k + margin)),
+        wide = _records_graph(as_rows(Xbad, "X"), Y, k, margin=max(32, 4 * (k + margin)),
                               query_blocks=[(0, bad.size)], call=calls[1], **common)
         (fix,) = compute(wide, label="k-NN (wide margin)")
         dist[bad], ind[bad] = fix["dist"], fix["idx"]
         still = np.flatnonzero(~fix["ok"])
         if still.size:
-            (fix,) = compute(_records_graph(_Rows(Xbad[still], "X"), Y, k, margin=0, exact=True,
+            (fix,) = compute(_records_graph(as_rows(Xbad[still], "X"), Y, k, margin=0, exact=True,
                                             query_blocks=[(0, still.size)], **common),
                              label="k-NN (exact pass)")
             dist[bad[still]], ind[bad[still]] = fix["dist"], fix["idx"]
@@ -619,13 +507,11 @@ class KNeighborsClassifier(BaseEstimator):
         -------
         self
         """
-        from .storage import Dataset, as_labels, open_dataset
-
         self._validate_params()
-        src = open_dataset(X) if isinstance(X, (str,)) or hasattr(X, "__fspath__") else X
-        Xd = _Rows(src, "X")
-        if y is None and isinstance(src, Dataset):
-            y = src if src.y_zarr is not None else None
+        Xd = as_rows(X, "X")
+        src = Xd.dataset if Xd.dataset is not None else X  # a URL is opened once
+        if y is None and Xd.dataset is not None and Xd.dataset.y_zarr is not None:
+            y = Xd.dataset
         if y is None:
             raise InputError(
                 "KNeighborsClassifier.fit needs training labels: pass y, or a dataset that holds labels 'y'"
@@ -665,8 +551,6 @@ class KNeighborsClassifier(BaseEstimator):
 
     def score(self, X, y):
         """Mean accuracy of ``predict(X)`` against ``y``."""
-        from .storage import as_labels
-
         pred = self.predict(X)
         return float(np.mean(pred == as_labels(y, pred.shape[0])))
 
@@ -707,7 +591,7 @@ def _absolute_rows(error, offset):
 
 
 def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, overwrite=False,
-              piece_rows=None):
+              piece_rows=None, on_block=None):
     """Exact k-NN of a query dataset in a training dataset, written to a result store.
 
     Writes ``indices`` int64 (n_query, k), ``distances`` float64 (n_query, k) and,
@@ -717,6 +601,7 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     every output and then recorded in ``_done``; the store is marked complete only
     after every piece is written.  Rerun on the same job's incomplete result (a crash,
     SIGKILL), it keeps the recorded pieces and computes only the others.
+    ``on_block((piece,))`` is called after each piece is recorded.
 
     Returns
     -------
@@ -730,80 +615,63 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     >>> pl.neighbors.write_knn("test.zarr", "train.zarr", "knn.zarr")  # doctest: +SKIP
     {'status': 'complete', 'queries': 1000, 'k': 5, 'pieces': 4, ..., 'output': 'knn.zarr'}
     """
-    from .budget import plan
-    from .cluster import dask_threads
-    from .storage import (Dataset, _test_pause, done_record, job_fingerprint, mark_complete, open_dataset,
-                          open_result_for_write, pending_blocks, release_lock, source_identity)
-
     if weights not in ("uniform", "distance"):
         raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
-    qsrc = open_dataset(query) if isinstance(query, str) or hasattr(query, "__fspath__") else query
-    tsrc = open_dataset(train) if isinstance(train, str) or hasattr(train, "__fspath__") else train
-    qd, td = _Rows(qsrc, "QUERY"), _Rows(tsrc, "TRAIN")
-    _check_features(qd, td, "QUERY", "TRAIN")
+    qd, td = as_rows(query, "QUERY"), as_rows(train, "TRAIN")
+    check_same_features(qd, td)
     k = _check_k(k, td.shape[0], "k")
     n = int(qd.shape[0])
     # The plan first: an impossible budget fails before anything is written.
     p = plan("knn", n_query=n, n_train=td.shape[0], n_features=td.shape[1], k=k,
              itemsize=max(qd.dtype.itemsize, td.dtype.itemsize), memory_budget=memory_budget,
              threads=dask_threads())
-    job = job_fingerprint(op="knn", query=source_identity(query), train=source_identity(train), k=k,
-                          weights=weights)
-    group, status = open_result_for_write(out, "neighbors", job, overwrite, resume=True)
-    if status == "complete":
-        attrs = dict(group.attrs["pipeline"])
-        summary = {"status": "already complete (same job); nothing to do", "queries": attrs.get("n_query"), "k": k}
-        if "accuracy" in attrs:
-            summary["accuracy"] = attrs["accuracy"]
-        summary["output"] = str(out)
-        return summary
-    ytrain = tsrc.y_zarr if isinstance(tsrc, Dataset) else None
-    classes = enc = None
-    if ytrain is not None:
-        classes, enc = np.unique(np.asarray(ytrain[...]), return_inverse=True)
-    if status == "resume" and "indices" in group:
-        rows = int(group["indices"].chunks[0])  # the pieces the result was started with
-    else:
-        rows = min(int(piece_rows), p["query_rows"]) if piece_rows else _piece_rows(n, p["query_rows"])
-    outputs = {"indices": ((n, k), (rows, k), np.int64), "distances": ((n, k), (rows, k), np.float64)}
-    if classes is not None:
-        outputs["predictions"] = ((n,), (rows,), classes.dtype)
-    for name, (shape, chunks, dtype) in outputs.items():
-        if name not in group:
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None,
-                               config={"write_empty_chunks": True})
-    n_pieces = math.ceil(n / rows)
-    done = done_record(group, (n_pieces,))
-    todo = pending_blocks(done)
-    for (piece,) in todo:
-        a, b = piece * rows, min(n, (piece + 1) * rows)
-        try:
-            if n_pieces == 1:
-                dist, ind = kneighbors(qd, td, k, memory_budget=memory_budget)
-            else:  # each piece: one query block, read in its tasks
-                dist, ind = kneighbors(_Rows(qd, "QUERY", a, b), td, k, memory_budget=memory_budget,
-                                       query_rows=b - a if qd.kind == "zarr" else None)
-        except InputError as e:
-            release_lock(str(out))  # left incomplete: any process may resume it now
-            raise _absolute_rows(e, a) from None
-        except BaseException:
-            release_lock(str(out))
-            raise
-        group["indices"][a:b] = ind
-        group["distances"][a:b] = dist
+    job = job_fingerprint(op="knn", query=qd.identity(), train=td.identity(), k=k, weights=weights)
+    with ResultWriter(out, "neighbors", job, overwrite=overwrite, resume=True, on_block=on_block) as result:
+        if result.status == "complete":
+            attrs = result.attrs
+            summary = {"status": "already complete (same job); nothing to do", "queries": attrs.get("n_query"),
+                       "k": k}
+            if "accuracy" in attrs:
+                summary["accuracy"] = attrs["accuracy"]
+            return {**summary, "output": str(out)}
+        ytrain = td.dataset.y_zarr if td.dataset is not None else None
+        classes = enc = None
+        if ytrain is not None:
+            classes, enc = np.unique(np.asarray(ytrain[...]), return_inverse=True)
+        if "indices" in result.group:
+            rows = int(result.group["indices"].chunks[0])  # the pieces the result was started with
+        else:
+            rows = min(int(piece_rows), p["query_rows"]) if piece_rows else _piece_rows(n, p["query_rows"])
+        outputs = {"indices": result.array("indices", (n, k), (rows, k), np.int64),
+                   "distances": result.array("distances", (n, k), (rows, k), np.float64)}
         if classes is not None:
-            group["predictions"][a:b] = _topk.vote(enc[ind], dist, classes, weights)[0]
-        done[piece] = 1  # only after the piece's chunks: a rerun keeps exactly these
-        _test_pause()
-    summary = {"status": "complete (resumed)" if len(todo) < n_pieces else "complete",
-               "queries": n, "k": k, "pieces": n_pieces, "pieces_written": len(todo),
-               "pieces_kept": n_pieces - len(todo)}
-    attrs = {"n_query": n, "n_train": int(td.shape[0]), "k": k, "weights": weights}
-    yq = qsrc.y_zarr if isinstance(qsrc, Dataset) else None
-    if classes is not None and yq is not None:
-        acc = float(np.mean(group["predictions"][...] == np.asarray(yq[...])))
-        attrs["accuracy"] = acc
-        summary["accuracy"] = round(acc, 6)
-    summary["output"] = str(out)
-    mark_complete(group, **attrs)
-    return summary
+            outputs["predictions"] = result.array("predictions", (n,), (rows,), classes.dtype)
+        n_pieces = math.ceil(n / rows)
+        todo = result.pending((n_pieces,))
+        for (piece,) in todo:
+            a, b = piece * rows, min(n, (piece + 1) * rows)
+            try:
+                if n_pieces == 1:
+                    dist, ind = kneighbors(qd, td, k, memory_budget=memory_budget)
+                else:  # each piece: one query block, read in its tasks
+                    dist, ind = kneighbors(qd.rows(a, b), td, k, memory_budget=memory_budget,
+                                           query_rows=b - a if qd.kind == "zarr" else None)
+            except InputError as e:
+                raise _absolute_rows(e, a) from None
+            blocks = {"indices": ind, "distances": dist}
+            if classes is not None:
+                blocks["predictions"] = _topk.vote(enc[ind], dist, classes, weights)[0]
+            for name, block in blocks.items():
+                outputs[name][a:b] = block
+            result.record((piece,))
+        summary = {"status": "complete (resumed)" if len(todo) < n_pieces else "complete",
+                   "queries": n, "k": k, "pieces": n_pieces, "pieces_written": len(todo),
+                   "pieces_kept": n_pieces - len(todo)}
+        attrs = {"n_query": n, "n_train": int(td.shape[0]), "k": k, "weights": weights}
+        yq = qd.dataset.y_zarr if qd.dataset is not None else None
+        if classes is not None and yq is not None:
+            acc = float(np.mean(outputs["predictions"][...] == np.asarray(yq[...])))
+            attrs["accuracy"] = acc
+            summary["accuracy"] = round(acc, 6)
+        result.complete(**attrs)
+    return {**summary, "output": str(out)}

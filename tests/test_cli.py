@@ -92,10 +92,10 @@ def test_failure_while_running_is_exit_1_without_traceback(capsys, tmp_path):
     (url / "X" / "c" / "5" / "0").write_bytes(b"garbage")  # ...but a corrupt one cannot decode
     code, _, err = run(capsys, "plan", "knn", url, url)
     assert code == 0  # planning reads metadata only
-    from pipeline.storage import as_array
+    from pipeline.inputs import as_rows
 
     with pytest.raises(Exception):
-        as_array(url).compute()
+        as_rows(url).dask().compute()
 
 
 def _cli(*argv, **kw):

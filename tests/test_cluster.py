@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pipeline as pl
-from pipeline import cluster
+from pipeline import runtime
 from pipeline.errors import InputError
 
 
@@ -23,28 +23,28 @@ def _blas_threads(x):
 def _blas_product(compute_threads):
     x = da.ones((8, 2), chunks=(1, 2))
     seen = x.map_blocks(_blas_threads, chunks=((1,) * 8,), drop_axis=1, dtype=int)
-    (blas,) = cluster.compute(seen)
+    (blas,) = runtime.compute(seen)
     return int(blas.max()) * compute_threads
 
 
 def test_threads_blas_times_dask_threads_within_cores():
-    with cluster.connect("threads", threads_per_worker=2):
-        assert cluster.dask_threads() == 2
-        assert _blas_product(2) <= cluster.cores()
-    with cluster.connect("threads", threads_per_worker=1):
-        assert cluster.dask_threads() == 1
-        assert _blas_product(1) <= cluster.cores()
+    with runtime.connect("threads", threads_per_worker=2):
+        assert runtime.dask_threads() == 2
+        assert _blas_product(2) <= runtime.cores()
+    with runtime.connect("threads", threads_per_worker=1):
+        assert runtime.dask_threads() == 1
+        assert _blas_product(1) <= runtime.cores()
 
 
 def test_same_result_on_a_real_cluster(tmp_path, dask_cluster):
     ds = pl.make_blobs(tmp_path / "d.zarr", 20_000, 8, chunk_rows=3000, random_state=3)
     expected = ds.X.compute().astype(np.float64).sum(0)
-    with cluster.connect(dask_cluster.address) as client:
+    with runtime.connect(dask_cluster.address) as client:
         assert client is not None and len(client.scheduler_info()["workers"]) == 2
         # Each worker has one thread; BLAS threads x dask threads <= cores.
-        assert _blas_product(1) <= cluster.cores()
+        assert _blas_product(1) <= runtime.cores()
         X = pl.open_dataset(tmp_path / "d.zarr").X
-        (got,) = cluster.compute(X.astype(np.float64).sum(0))
+        (got,) = runtime.compute(X.astype(np.float64).sum(0))
         # Generation on the cluster writes the same bytes as on threads.
         pl.make_blobs(tmp_path / "c.zarr", 20_000, 8, chunk_rows=3000, random_state=3)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
@@ -65,23 +65,23 @@ def test_cli_through_tcp_scheduler_matches_threads(tmp_path, dask_cluster):
 def test_unreachable_scheduler_is_a_clear_bounded_error():
     start = time.monotonic()
     with pytest.raises(InputError, match="cannot reach the scheduler at tcp://127.0.0.1:9 within 2 s"):
-        with cluster.connect("tcp://127.0.0.1:9", timeout=2):
+        with runtime.connect("tcp://127.0.0.1:9", timeout=2):
             pass
     assert time.monotonic() - start < 30
 
 
 def test_unknown_scheduler_name():
     with pytest.raises(InputError, match="--scheduler 'gpu' is not known"):
-        with cluster.connect("gpu"):
+        with runtime.connect("gpu"):
             pass
 
 
 def test_local_cluster_prints_dashboard_and_computes(tmp_path):
     lines = []
     ds = pl.make_blobs(tmp_path / "d.zarr", 5000, 4, chunk_rows=1000)
-    with cluster.connect("local", workers=2, threads_per_worker=1, memory_budget="256MiB",
+    with runtime.connect("local", workers=2, threads_per_worker=1, memory_budget="256MiB",
                          dashboard_address="127.0.0.1:0", echo=lines.append) as client:
-        (total,) = cluster.compute(pl.open_dataset(ds.url).X.astype(float).sum())
+        (total,) = runtime.compute(pl.open_dataset(ds.url).X.astype(float).sum())
         limits = {w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
     assert any(line.startswith("dashboard: http://") for line in lines)
     assert np.isclose(total, ds.X.compute().astype(float).sum())

@@ -21,23 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
-def _env(delay=None):
+def _env():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PIPELINE_TEST_BLOCK_DELAY", None)
     env.pop("PIPELINE_DEBUG", None)
-    if delay:
-        env["PIPELINE_TEST_BLOCK_DELAY"] = str(delay)
     return env
 
 
-def _cli(*argv, delay=None):
+def _cli(*argv):
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, argv)], capture_output=True, text=True,
-                          timeout=240, env=_env(delay))
+                          timeout=240, env=_env())
 
 
-def _popen(*argv, delay=None):
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(delay))
+def _popen(*argv, delay):
+    """The command, slowed down by ``delay`` s per block written (tests/slow_run.py)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_run.py"), str(delay), *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
 def _meta(url):
@@ -80,7 +78,7 @@ def test_a_failed_job_leaves_nothing_that_looks_complete(data, tmp_path):
     info = _cli("info", tmp_path / "D.zarr")
     assert "INCOMPLETE" in info.stdout
     with pytest.raises(DataError, match="incomplete"):
-        pl.storage.open_result(str(tmp_path / "D.zarr"))
+        pl.store.open_result(str(tmp_path / "D.zarr"))
     assert not Path(str(tmp_path / "D.zarr") + ".lock").exists()  # released when the process ended
 
 
@@ -174,7 +172,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(data, tmp_path):
 
 
 def test_lock_held_by_a_live_process_refuses_in_process(tmp_path):
-    from pipeline import storage
+    from pipeline.store import locks
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -187,4 +185,4 @@ def test_lock_held_by_a_live_process_refuses_in_process(tmp_path):
         holder.kill()
         holder.wait()
     pl.make_blobs(out, 10, 2)  # its holder gone, the lock is taken over
-    assert not Path(out + ".lock").exists() and os.path.abspath(out) + ".lock" not in storage._HELD
+    assert not Path(out + ".lock").exists() and not locks.held(out)

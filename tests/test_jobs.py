@@ -140,7 +140,7 @@ def test_missing_job_file_and_check_only(tmp_path, capsys):
 def test_existing_outputs_skip_resume_or_refuse(tmp_path, capsys):
     job = _write(tmp_path, {"memory_budget": "64MiB", "steps": GOOD})
     assert run(capsys, "run", job)[0] == 0
-    assert _meta(tmp_path / "a.zarr")["step"]  # the generating step's fingerprint
+    assert _meta(tmp_path / "a.zarr")["job"]  # the generating step's fingerprint
 
     # Other parameters for an existing dataset: refused before anything runs.
     changed = [{"generate": {**GOOD[0]["generate"], "n_samples": 300}}, GOOD[1]]

@@ -215,7 +215,7 @@ def test_zero_responsibilities_skipped_exactly():
 
 
 def test_budget_model_mirrors_kernel_slices():
-    # pipeline.budget._cost_gmm sizes its items from the kernels' slice rules; check
+    # pipeline.kernels.gaussian.em_workspace sizes its items from the kernels' slice rules; check
     # the item against the rule itself.
     from pipeline.budget import plan
 

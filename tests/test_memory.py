@@ -93,12 +93,12 @@ def test_distances_budget_kept_and_predicted(distance_sets, budget):
 
 def test_graph_holds_references_not_data(tmp_path):
     # Same number of chunks, 10x the data: the pickled graph must not grow.
-    from pipeline.storage import as_array
+    from pipeline.inputs import as_rows
 
     sizes = []
     for n_rows in (10_000, 100_000):
         ds = pl.make_blobs(tmp_path / f"g{n_rows}.zarr", n_rows, 16, chunk_rows=n_rows // 10)
-        graph = dict(as_array(ds).sum(axis=0).__dask_graph__())
+        graph = dict(as_rows(ds).dask().sum(axis=0).__dask_graph__())
         sizes.append(len(pickle.dumps(graph)))
     assert abs(sizes[1] - sizes[0]) < 200, sizes
     assert sizes[1] < 100_000 * 16 * 4 / 100, sizes  # far below 1% of the data

@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits, load_iris, load_wine
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pipeline as pl
+from pipeline import runtime
 from pipeline import mixture
 from pipeline.budget import Plan
 from pipeline.errors import InputError
@@ -351,7 +352,6 @@ def test_graph_pickle_does_not_grow_with_X(tmp_path):
 def test_same_fit_on_a_real_cluster(tmp_path, dask_cluster, fixed_plan, group):
     # Workers read their own chunks from the store; the grouped (two-pass) mode
     # persists its per-row normaliser on the workers.
-    from pipeline import cluster
 
     X = _synthetic()
     data = str(tmp_path / "c.zarr")
@@ -362,7 +362,7 @@ def test_same_fit_on_a_real_cluster(tmp_path, dask_cluster, fixed_plan, group):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         local = pl.GaussianMixture(4, **kw).fit(data)
-        with cluster.connect(dask_cluster.address):
+        with runtime.connect(dask_cluster.address):
             remote = pl.GaussianMixture(4, **kw).fit(data)
             labels = remote.predict(data).compute()
     # Same blocks, same tree: the same sums to the last bit or nearly (BLAS may
@@ -405,7 +405,7 @@ def test_em_step_independent_of_chunking(data):
     split_every = data.draw(st.integers(2, 9))
     graph = mixture._em_stats_graph(Xd, init["weights_init"], init["means_init"], P, init["means_init"],
                                     None, split_every)
-    (stats,) = mixture._compute(graph)
+    (stats,) = runtime.compute(graph)
     ref = g.em_block_stats(X, np.log(init["weights_init"]), init["means_init"], P)
     # Only the order of the sums changes: 1e-11 relative.
     for key in ("N", "S1", "S2"):

@@ -415,15 +415,15 @@ def test_fallback_rows_are_read_with_the_integrity_checks(tmp_path):
     """The few queries a fallback pass rereads go through the same checks as any read:
     a chunk deleted since the main pass is named, not read as zeros."""
     from pipeline.errors import DataError
-    from pipeline.neighbors import _Rows
+    from pipeline.inputs import RowSource
 
     rng = np.random.default_rng(17)
     pl.write_dataset(str(tmp_path / "q.zarr"), rng.standard_normal((300, 4)), chunk_rows=100)
-    q = _Rows(pl.open_dataset(str(tmp_path / "q.zarr")), "X", lo=50, hi=300)
+    q = RowSource(pl.open_dataset(str(tmp_path / "q.zarr")), "X", lo=50, hi=300)
     np.testing.assert_array_equal(q.take(np.array([0, 120, 249])),
                                   pl.open_dataset(str(tmp_path / "q.zarr")).X_zarr[[50, 170, 299]])
     (tmp_path / "q.zarr" / "X" / "c" / "1" / "0").unlink()
-    q = _Rows(pl.open_dataset(str(tmp_path / "q.zarr")), "X", lo=50, hi=300)
+    q = RowSource(pl.open_dataset(str(tmp_path / "q.zarr")), "X", lo=50, hi=300)
     with pytest.raises(DataError, match=r"chunk \(1, 0\)"):
         q.take(np.array([0, 120]))
     assert q.take(np.array([0, 10])).shape == (2, 4)  # other chunks still read

@@ -6,8 +6,9 @@ them as kept), computes only the others, and ends bit-identical to an uninterrup
 run, marked complete only then.  A gmm fit resumes from its last saved iteration and
 ends where an uninterrupted fit ends.
 
-``PIPELINE_TEST_BLOCK_DELAY`` slows each block (piece, iteration) down after it is
-written so that the kill lands part-way through a small job on any machine.
+The killed runs are slowed down (``tests/slow_run.py``: a sleep after each block, piece
+or iteration, passed in through the writers' callbacks) so that the kill lands part-way
+through a small job on any machine; the reruns are the real ``pipeline`` command.
 """
 
 from __future__ import annotations
@@ -31,11 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
-def _env(delay=None):
+def _env():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PIPELINE_TEST_BLOCK_DELAY", None)
-    if delay:
-        env["PIPELINE_TEST_BLOCK_DELAY"] = str(delay)
     return env
 
 
@@ -53,8 +51,8 @@ def _done_blocks(out):
 
 def _kill_when(argv, ready, delay, timeout=180):
     """Start the command slowed down by ``delay`` s per block; SIGKILL it once ``ready()``."""
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, argv)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=_env(delay))
+    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_run.py"), str(delay), *map(str, argv)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     end = time.monotonic() + timeout
     try:
         while not ready():
@@ -84,7 +82,7 @@ def data(tmp_path_factory):
 def _check_incomplete(out):
     assert not _meta(out)["complete"]
     with pytest.raises(DataError, match="incomplete"):
-        pl.storage.open_result(str(out))
+        pl.store.open_result(str(out))
 
 
 def test_distances_killed_then_resumed_keeps_written_blocks(data, tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import zarr
 
 import pipeline as pl
-from pipeline import storage
 from pipeline.errors import InputError
+from pipeline.inputs import as_rows
+from pipeline.store import ResultWriter, open_result, reads
 
 
 def test_write_open_roundtrip(store_url):
@@ -35,10 +36,12 @@ def test_write_from_dask_with_irregular_chunks_is_realigned(tmp_path):
     np.testing.assert_array_equal(ds.X.compute(), X.compute())
 
 
-def test_store_array_refuses_misaligned_chunks(tmp_path):
-    z = zarr.create_array(str(tmp_path / "a"), shape=(10, 2), chunks=(4, 2), dtype="f8")
-    with pytest.raises(ValueError, match="not aligned"):
-        storage.store_array(da.zeros((10, 2), chunks=(3, 2)), z, "test")
+def test_writer_refuses_misaligned_chunks(tmp_path):
+    with ResultWriter(tmp_path / "a.zarr", "test", job="j") as out:
+        z = out.array("a", shape=(10, 2), chunks=(4, 2), dtype="f8")
+        for record in (True, False):
+            with pytest.raises(ValueError, match="not aligned"):
+                out.write_blocks([(da.zeros((10, 2), chunks=(3, 2)), z)], "test", record=record)
 
 
 def test_integer_data_stored_as_is(tmp_path):
@@ -174,34 +177,61 @@ def test_refuses_pickle_codec_unread(tmp_path):
         pl.open_dataset(tmp_path / "evil")
 
 
-def test_as_array_accepts_everything_the_api_promises(tmp_path):
+def test_as_rows_accepts_everything_the_api_promises(tmp_path):
     X = np.arange(12, dtype=np.float32).reshape(6, 2)
     ds = pl.write_dataset(tmp_path / "d.zarr", X, chunk_rows=4)
     for src in (X, da.from_array(X, chunks=3), ds.X_zarr, ds, ds.url, tmp_path / "d.zarr"):
-        out = storage.as_array(src, rows=2)
+        out = as_rows(src).dask(rows=2)
         assert out.chunks[0] == (2, 2, 2)
         np.testing.assert_array_equal(out.compute(), X)
     with pytest.raises(InputError, match="must be 2-D"):
-        storage.as_array(np.ones(3))
+        as_rows(np.ones(3))
     with pytest.raises(InputError, match="empty"):
-        storage.as_array(np.ones((0, 3)))
+        as_rows(np.ones((0, 3)))
     with pytest.raises(InputError, match="numeric"):
-        storage.as_array(np.array([["a"]]))
+        as_rows(np.array([["a"]]))
 
 
 def test_results_are_complete_only_at_the_end(tmp_path):
     url = tmp_path / "r.zarr"
-    g, status = storage.open_result_for_write(url, "distances", job="j1")
-    assert status == "new"
-    with pytest.raises(pl.DataError, match="incomplete"):
-        storage.open_result(url, "distances")
-    storage.mark_complete(g, note=1)
-    assert storage.open_result(url, "distances").attrs["pipeline"]["note"] == 1
-    assert storage.open_result_for_write(url, "distances", job="j1")[1] == "complete"
+    with ResultWriter(url, "distances", job="j1") as out:
+        assert out.status == "new"
+        with pytest.raises(pl.DataError, match="incomplete"):
+            open_result(url, "distances")
+        out.complete(note=1)
+    assert open_result(url, "distances").attrs["pipeline"]["note"] == 1
+    with ResultWriter(url, "distances", job="j1") as out:
+        assert out.status == "complete"
     with pytest.raises(InputError, match="holds another result"):
-        storage.open_result_for_write(url, "distances", job="j2")
+        ResultWriter(url, "distances", job="j2").__enter__()
     with pytest.raises(InputError, match="not a neighbors result"):
-        storage.open_result(url, "neighbors")
+        open_result(url, "neighbors")
+    assert not os.path.exists(str(url) + ".lock")  # released on every exit, the refusal's too
+
+
+def test_writer_resumes_recorded_blocks_and_releases_its_lock_on_failure(tmp_path):
+    url = tmp_path / "r.zarr"
+    seen = []
+    with pytest.raises(RuntimeError, match="crash"):
+        with ResultWriter(url, "test", job="j", resume=True, on_block=seen.append) as out:
+            a = out.array("a", shape=(6,), chunks=(2,), dtype=np.int64)
+            assert out.pending((3,)) == [(0,), (1,), (2,)]
+            out.record_block(a, (1,), np.array([3, 4]))
+            raise RuntimeError("crash")
+    assert seen == [(1,)] and not os.path.exists(str(url) + ".lock")
+    with pytest.raises(pl.DataError, match="incomplete"):
+        open_result(url)
+    with ResultWriter(url, "test", job="j", resume=True) as out:
+        assert out.status == "resume" and out.pending((3,)) == [(0,), (2,)]
+        a = out.array("a", shape=(6,), chunks=(2,), dtype=np.int64)
+        writes, written, kept = out.write_blocks([(da.arange(6, chunks=2), a)], "test")
+        assert (written, kept) == (2, 1)
+        writes.compute()
+        out.complete()
+    # Block 1 was kept from the first run, not written again.
+    np.testing.assert_array_equal(open_result(url)["a"][...], [0, 1, 3, 4, 4, 5])
+    with ResultWriter(url, "test", job="j", resume=False, overwrite=True) as out:
+        assert out.status == "new" and "a" not in out.group
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.float64])
@@ -215,18 +245,18 @@ def test_raw_row_reads_equal_zarr_and_defer_to_it_on_damage(tmp_path, dtype):
     X = (rng.random((1003, 7)) * 200).astype(dtype)
     ds = pl.write_dataset(str(tmp_path / "raw.zarr"), X, chunk_rows=100, compressor="none")
     arr = ds.X_zarr
-    assert storage._raw_layout(arr) is not None
+    assert reads._raw_layout(arr) is not None
     for start, stop in [(0, 100), (5, 37), (95, 305), (990, 1003), (0, 1003)]:
         out = np.full((stop - start, 7), 99, dtype=dtype)
-        assert storage._read_raw_rows(arr, start, stop, out)
+        assert reads._read_raw_rows(arr, start, stop, out)
         np.testing.assert_array_equal(out, X[start:stop])
     zs = pl.write_dataset(str(tmp_path / "zstd.zarr"), X, chunk_rows=100, compressor="zstd")
-    assert storage._raw_layout(zs.X_zarr) is None
+    assert reads._raw_layout(zs.X_zarr) is None
     out = np.empty((50, 7), dtype=dtype)
-    np.testing.assert_array_equal(storage.read_rows_into(zs.X_zarr, 120, 170, out), X[120:170])
+    np.testing.assert_array_equal(reads.read_rows_into(zs.X_zarr, 120, 170, out), X[120:170])
     chunk = tmp_path / "raw.zarr" / "X" / "c" / "3" / "0"
     chunk.write_bytes(chunk.read_bytes()[:-8])  # torn: the wrong size
     torn = pl.open_dataset(str(tmp_path / "raw.zarr")).X_zarr
-    assert not storage._read_raw_rows(torn, 250, 350, np.empty((100, 7), dtype=dtype))
+    assert not reads._read_raw_rows(torn, 250, 350, np.empty((100, 7), dtype=dtype))
     with pytest.raises(DataError, match=r"chunk \(3, 0\)"):
-        storage.read_rows_into(torn, 250, 350, np.empty((100, 7), dtype=dtype))
+        reads.read_rows_into(torn, 250, 350, np.empty((100, 7), dtype=dtype))

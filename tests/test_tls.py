@@ -152,16 +152,16 @@ def test_cli_knn_over_tls_with_certificates_matches_threads(tls_cluster, stores,
 def test_tls_from_dask_config(tls_cluster):
     import dask.config
 
-    from pipeline import cluster
+    from pipeline import runtime
 
     cfg = {"distributed.comm.tls.ca-file": tls_cluster.ca,
            "distributed.comm.tls.client.cert": tls_cluster.client_cert,
            "distributed.comm.tls.client.key": tls_cluster.client_key}
     x = np.random.default_rng(0).standard_normal((50, 6))
-    with dask.config.set(cfg), cluster.connect(tls_cluster.address, echo=lambda *_: None) as client:
+    with dask.config.set(cfg), runtime.connect(tls_cluster.address, echo=lambda *_: None) as client:
         assert client.scheduler.address.startswith("tls://")
         d = pl.pairwise_distances(x, x[:20], memory_budget="64MiB")
-        (got,) = cluster.compute(d)
+        (got,) = runtime.compute(d)
     from scipy.spatial.distance import cdist
 
     # GEMM expansion vs direct differences: cancellation near the diagonal, ~1e-7 absolute.
@@ -199,12 +199,12 @@ def test_client_with_certificate_of_another_ca_is_refused(tls_cluster, stores):
 
 
 def test_plain_tcp_client_cannot_talk_to_a_tls_scheduler(tls_cluster):
-    from pipeline import cluster
+    from pipeline import runtime
     from pipeline.errors import InputError
 
     plain = tls_cluster.address.replace("tls://", "tcp://")
     with pytest.raises(InputError, match="cannot reach the scheduler"):
-        with cluster.connect(plain, timeout=3):
+        with runtime.connect(plain, timeout=3):
             pass
 
 

@@ -1,12 +1,27 @@
-"""Scratch buffers that kernels reuse from call to call: pure NumPy."""
+"""Scratch buffers that kernels reuse from call to call, and how kernels state their size: pure NumPy.
+
+Each kernel module states the bytes its workspace needs for one block as a function
+beside the code that allocates it (``*_workspace``), returning :class:`Workspace`
+rows; :mod:`pipeline.budget` composes them with the reads, the graph and the number
+of tasks alive at once.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["scratch"]
+__all__ = ["scratch", "Workspace"]
+
+
+class Workspace(NamedTuple):
+    """One buffer (or set of buffers) a kernel holds while it works on one block."""
+
+    name: str
+    nbytes: int
+    note: str = ""
 
 
 def scratch(work, name, shape, dtype=np.float64):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["working_dtype", "as_block", "row_norms_sq", "sq_euclidean", "euclidean"]
+__all__ = ["working_dtype", "as_block", "row_norms_sq", "sq_euclidean", "euclidean", "block_workspace"]
 
 
 def working_dtype(dtype, upcast=False):
@@ -162,3 +162,18 @@ def euclidean(X, Y, X_norm_sq=None, Y_norm_sq=None, *, shift=None, upcast=False,
     """
     D = sq_euclidean(X, Y, X_norm_sq, Y_norm_sq, shift=shift, upcast=upcast, out=out)
     return np.sqrt(D, out=D)
+
+
+def block_workspace(x_rows, y_rows, n_features, itemsize, upcast=False):
+    """Bytes one distance block needs beyond its inputs as read, as :class:`Workspace` rows.
+
+    Both blocks centred in the working dtype (:func:`as_block`) and the GEMM's output
+    block (:func:`sq_euclidean`, square-rooted in place for ``euclidean``); row norms
+    are a few bytes a row.
+    """
+    from .buffers import Workspace
+
+    w = 8 if upcast else max(itemsize, 4)  # working_dtype's itemsize (8-byte integers: counted as 8)
+    conv = "converted, working dtype" if itemsize != w else "working dtype"
+    return [Workspace("blocks centred", (x_rows + y_rows) * n_features * w, conv),
+            Workspace("GEMM output", x_rows * y_rows * w, "one block of distances")]

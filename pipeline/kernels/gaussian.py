@@ -33,6 +33,8 @@ from .buffers import scratch
 
 __all__ = [
     "PRECISION_ERROR",
+    "em_workspace",
+    "stats_bytes",
     "compute_precision_cholesky",
     "precision_cholesky_from_precisions",
     "log_det_cholesky",
@@ -65,7 +67,7 @@ _LOG_2PI = math.log(2 * math.pi)
 INNER_ROWS = 2048
 #: Bytes of one slice's E-step GEMM output (slice rows x group * d) the kernels aim
 #: for; wide data get fewer rows per slice and fewer components per GEMM.
-#: pipeline.budget._cost_gmm mirrors :func:`inner_rows` and :func:`gemm_group`.
+#: :func:`em_workspace` counts the buffers these sizes give.
 SLICE_BYTES = 2**25
 #: Columns of one E-step GEMM (components x features) the kernels aim for: the
 #: GEMM's (d + 1, group * d) operand then stays in a core's L2 cache.  Measured at
@@ -126,6 +128,46 @@ def gemm_group(n_components, n_features):
     """
     d = n_features
     return max(1, min(n_components, GEMM_COLUMNS // d, SLICE_BYTES // (inner_rows(d) * d * 8)))
+
+
+def em_workspace(rows, group, *, n_features, n_components, itemsize, grouped=False):
+    """Bytes one task of the EM pass holds for a block of ``rows`` rows, as :class:`Workspace` rows.
+
+    The fused pass (:func:`em_block_stats`) works on slices of :func:`inner_rows` rows
+    and batches :func:`gemm_group` components per E-step GEMM; its pruned E-step
+    (:func:`_pruned_log_prob`, K >= PRUNE_MIN_COMPONENTS and d <= PRUNE_MAX_FEATURES)
+    on slices of :func:`prune_rows` rows with bounds of its own.  A grouped pass (a
+    component group of ``group`` < K, :func:`resp_block_stats` on the whole block)
+    keeps its responsibilities for the whole block.  The accumulated statistics are
+    counted apart (:func:`stats_bytes`): they also live in the reduction tree.
+    """
+    from .buffers import Workspace
+
+    d, K = n_features, n_components
+    inner = min(rows, inner_rows(d))
+    gemm = min(group, gemm_group(K, d))
+    prune = not grouped and K >= PRUNE_MIN_COMPONENTS and d <= PRUNE_MAX_FEATURES
+    big = min(rows, prune_rows(d)) if prune else inner
+    items = []
+    if itemsize != 8:
+        items.append(Workspace("X as float64", 2 * big * d * 8,
+                               "converted per slice; the next slice's before the last is freed"))
+    items += [
+        Workspace("[X 1] slice", inner * (d + 1) * 8, "the GEMM's operand: it subtracts mu_k P_k too"),
+        Workspace("X @ [P_1..P_g] slice", inner * gemm * d * 8, f"{inner} rows x {gemm} components per GEMM"),
+        Workspace("log-probabilities, responsibilities", 3 * (rows * group if grouped else big * K) * 8, "float64"),
+        Workspace("weighted rows", 2 * (rows if grouped else big) * d * 8, "r-selected x - shift, for the scatter syrk"),
+    ]
+    if prune:
+        items.append(Workspace("pruning bounds, gathered rows", big * (9 * K + 2 * d + 1) * 8,
+                               f"{big}-row slices: distances to the means, bounds, one component's rows"))
+    return items
+
+
+def stats_bytes(n_components, n_features):
+    """Bytes of one set of sufficient statistics N, S1, S2 for ``n_components`` components."""
+    d = n_features
+    return n_components * (d * d + d + 1) * 8
 
 
 def _as_float64(X):

@@ -27,6 +27,9 @@ from .buffers import scratch
 from .distances import as_block, row_norms_sq, working_dtype
 
 __all__ = [
+    "queries_workspace",
+    "steps_workspace",
+    "lists_workspace",
     "topk_block",
     "select_smallest",
     "merge_topk",
@@ -367,6 +370,41 @@ def step_rows(n_query, n_features, itemsize):
     w = max(int(itemsize), 4)
     per_row = n_features * (int(itemsize) + w) + n_query * w
     return int(max(256, STEP_BYTES // max(per_row, 1)))
+
+
+def queries_workspace(n_query, n_features, itemsize):
+    """Bytes :func:`prepare_queries` keeps for a query block, as :class:`Workspace` rows."""
+    from .buffers import Workspace
+
+    w = max(int(itemsize), 4)  # working dtype: float64 stays, float32 and integers -> float32
+    return [Workspace("query block, prepared", n_query * n_features * (w + 8),
+                      "centred copy + float64 copy for the exact re-rank")]
+
+
+def steps_workspace(n_query, step, n_features, itemsize, n_candidates):
+    """Bytes one task of :func:`knn_steps` holds for a step of ``step`` training rows.
+
+    The step centred in the working dtype, the ``(n_query, step)`` ranking block and
+    its mask, :func:`select_smallest`'s index array (``_SELECT_ROWS`` query rows at a
+    time), and the exact re-rank's buffers (``_RERANK_BYTES`` of gathered rows, three
+    of them, and per candidate pair its rows, columns and distances).
+    """
+    from .buffers import Workspace
+
+    w = max(int(itemsize), 4)
+    return [
+        Workspace("train step centred", step * n_features * w, f"up to {step} rows per GEMM, working dtype"),
+        Workspace("ranking block", n_query * step * (w + 1), "one GEMM: ||y||^2 - 2 x.y, and its mask"),
+        Workspace("selection indices", min(n_query, _SELECT_ROWS) * step * 8,
+                  f"{_SELECT_ROWS} query rows at a time"),
+        Workspace("exact re-rank buffers", 3 * _RERANK_BYTES + n_query * n_candidates * 48,
+                  "gathered candidates, float64; candidate pairs"),
+    ]
+
+
+def lists_workspace(n_query, k):
+    """Bytes of one running top-k list set (a task's, or a partial in the merge tree)."""
+    return n_query * (3 * k * 16 + 16)
 
 
 def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None, step=None, board=None):

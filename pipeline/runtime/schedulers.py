@@ -1,10 +1,11 @@
-"""Where work runs: the threaded scheduler (default), a local cluster, or tcp://.
+"""Where work runs: the threaded scheduler (default), a local cluster, or tcp:// / tls://.
 
 The graph builders call :func:`compute`; it runs on a ``distributed.Client`` when one
 is current (the user's own, or the one :func:`connect` made), else on dask's threaded
-scheduler.  Either way it limits BLAS threads so that dask threads x BLAS threads <=
-cores (two levels of threads fighting for two cores make GEMMs several times slower),
-and shows a progress bar when asked to.
+scheduler.  Either way BLAS threads are limited so that dask threads x BLAS threads <=
+cores (two levels of threads fighting for two cores make GEMMs several times slower):
+in this process for the length of the compute, on workers for as long as
+:func:`connect`'s connection lasts.  Progress bars when asked to.
 """
 
 from __future__ import annotations
@@ -14,9 +15,21 @@ import ctypes
 import os
 import sys
 
-from .errors import InputError
+from ..errors import InputError
+from ..sizes import parse_budget
 
-__all__ = ["compute", "connect", "dask_threads", "cores"]
+__all__ = ["compute", "persist", "connect", "dask_threads", "cores", "blas_threads_for",
+           "parse_scheduler", "limit_malloc", "RUNTIME_OVERHEAD", "TASK_OVERHEAD"]
+
+# Memory the runtime adds once work starts, whatever the block sizes: thread stacks,
+# BLAS work buffers, zarr's event loop and codec buffers.  Measured in
+# tests/test_memory.py (the intercept of measured peak against block bytes).
+RUNTIME_OVERHEAD = 20 * 2**20
+# dask's bookkeeping per task of a graph (task objects, keys, scheduler state),
+# measured with graphs of 400 and 40000 tasks.
+TASK_OVERHEAD = 16 * 2**10
+# A worker process's own idle footprint (numpy, dask, distributed and zarr imported).
+_WORKER_IDLE = 150 * 2**20
 
 _state = {"progress": None, "client": None}
 
@@ -61,12 +74,16 @@ def _accepts_n_workers(client):
         return False
 
 
-def _limit_malloc():
-    """Make glibc return freed blocks to the OS at once.
+def limit_malloc():
+    """Make glibc return freed blocks of 1 MiB or more to the OS at once, for this process.
 
     Blocks of a few MiB are otherwise kept in the heap for reuse after their first
     free (glibc raises its mmap threshold dynamically), so the resident set stays at
-    its high-water mark plus fragmentation; a fixed threshold keeps it at what is live.
+    its high-water mark plus fragmentation; a fixed threshold keeps it at what is live,
+    which is what the memory budget promises (see the README, "Memory").  It is a
+    setting of the whole process that cannot be scoped, so pipeline applies it only to
+    processes it owns: the ``pipeline`` command and the workers of
+    ``connect("local")``.  A program of your own calls it once, if it wants the same.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -80,13 +97,6 @@ def _limit_malloc():
 def blas_threads_for(dask_threads_: int) -> int:
     """BLAS threads per dask thread so that their product does not exceed the cores."""
     return max(1, cores() // max(1, dask_threads_))
-
-
-def _set_blas_threads(n):
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=n, user_api="blas")
-    return n
 
 
 @contextlib.contextmanager
@@ -121,7 +131,6 @@ def compute(*collections, label=None, **kwargs):
     """
     import dask
 
-    _limit_malloc()
     client = _current_client()
     if client is not None:
         futures = client.compute(list(collections), **kwargs)
@@ -153,7 +162,16 @@ def compute(*collections, label=None, **kwargs):
         return dask.compute(*collections, **kwargs)
 
 
-def _parse_scheduler(scheduler):
+def persist(*collections):
+    """``dask.persist`` with BLAS threads limited as :func:`compute` limits them."""
+    import dask
+
+    with _blas_limited(blas_threads_for(dask_threads())):
+        return dask.persist(*collections)
+
+
+def parse_scheduler(scheduler):
+    """``scheduler`` checked: "threads" (None), "local", or a tcp:// / tls:// address."""
     if scheduler in (None, "threads", "local") or str(scheduler).startswith(("tcp://", "tls://")):
         return scheduler or "threads"
     raise InputError(
@@ -179,7 +197,7 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
         For ``"threads"`` (threads only) and ``"local"``.  Default: all cores, with
         one thread per worker process on ``local``.
     memory_budget : int or str, optional
-        Budget per process / worker (see :func:`pipeline.budget.parse_budget`).
+        Budget per process / worker (see :func:`pipeline.parse_budget`).
     progress : bool, optional
         Show progress bars; default: when stderr is a terminal.
     timeout : float
@@ -198,7 +216,7 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
     """
     import dask.config
 
-    scheduler = _parse_scheduler(scheduler)
+    scheduler = parse_scheduler(scheduler)
     if report is not None and scheduler == "threads":
         raise InputError(f"--report {report} needs a distributed scheduler; add --scheduler local "
                          "(or the address of a running one)")
@@ -206,7 +224,6 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
         progress = sys.stderr.isatty()
     old = dict(_state)
     _state["progress"] = progress
-    _limit_malloc()
     try:
         if scheduler == "threads":
             n = threads_per_worker or workers or None
@@ -221,17 +238,13 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
         from distributed import Client, LocalCluster
 
         if scheduler == "local":
-            from .budget import RUNTIME_OVERHEAD, parse_budget
-
             n_workers = workers or cores()
             tpw = threads_per_worker or max(1, cores() // n_workers)
-            # A worker's limit is its budget plus its own idle footprint (~150 MiB with
-            # numpy, dask, distributed and zarr imported).
-            limit = parse_budget(memory_budget) + RUNTIME_OVERHEAD + 150 * 2**20
+            # A worker's limit is its budget plus its own idle footprint.
+            limit = parse_budget(memory_budget) + RUNTIME_OVERHEAD + _WORKER_IDLE
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=tpw, processes=True,
                                    memory_limit=limit, dashboard_address=dashboard_address)
-            with cluster, Client(cluster) as client:
-                _limit_workers_blas(client)
+            with cluster, Client(cluster) as client, _workers_limited(client, own=True):
                 # The dashboard lives as long as the cluster: until the enclosed job ends.
                 echo(f"dashboard: {client.dashboard_link}")
                 sys.stdout.flush()
@@ -248,8 +261,7 @@ def connect(scheduler="threads", *, workers=None, threads_per_worker=None,
             raise InputError(
                 f"cannot reach the scheduler at {scheduler} within {timeout:g} s ({e.__class__.__name__}); {hint}"
             ) from None
-        with client:
-            _limit_workers_blas(client)
+        with client, _workers_limited(client, own=False):
             link = _dashboard_link(client)
             if link:
                 echo(f"dashboard: {link}")
@@ -302,14 +314,6 @@ def _reported(report):
         yield
 
 
-def _worker_blas(dask_worker=None, host_threads=None):
-    """Run on each worker: BLAS threads so that, on its machine, all workers' dask threads
-    x BLAS threads <= cores (``host_threads``: dask threads of all workers on that host)."""
-    _limit_malloc()
-    threads = max(dask_worker.state.nthreads, host_threads or 0)
-    return _set_blas_threads(blas_threads_for(threads))
-
-
 def _host_threads(client):
     """{host: dask threads of all the workers on it}, from the scheduler."""
     from urllib.parse import urlsplit
@@ -322,11 +326,15 @@ def _host_threads(client):
     return totals
 
 
-def _limit_workers_blas(client):
-    """Limit BLAS threads on every worker, including ones that join or restart later.
+@contextlib.contextmanager
+def _workers_limited(client, own):
+    """BLAS threads limited on every worker (also ones that join or restart) while connected.
 
     Workers sharing a machine share its cores: two 1-thread workers on 2 cores get one
-    BLAS thread each, not two (which would run 4 threads on 2 cores).
+    BLAS thread each, not two (which would run 4 threads on 2 cores).  The limits are
+    a worker plugin whose teardown restores each worker's own limits when the
+    connection ends: a cluster of the user's is left as it was found.  ``own``: the
+    workers are processes :func:`connect` started, so :func:`limit_malloc` applies too.
     """
     from urllib.parse import urlsplit
 
@@ -338,6 +346,23 @@ def _limit_workers_blas(client):
         name = "pipeline-blas-limit"
 
         def setup(self, worker):
-            _worker_blas(worker, hosts.get(urlsplit(worker.address).hostname))
+            from threadpoolctl import threadpool_limits
+
+            if own:
+                limit_malloc()
+            threads = max(worker.state.nthreads, hosts.get(urlsplit(worker.address).hostname) or 0)
+            self._limits = threadpool_limits(limits=blas_threads_for(threads), user_api="blas")
+
+        def teardown(self, worker):
+            limits = getattr(self, "_limits", None)
+            if limits is not None:
+                limits.restore_original_limits()
 
     client.register_plugin(_BlasLimit())
+    try:
+        yield
+    finally:
+        try:
+            client.unregister_worker_plugin(_BlasLimit.name)
+        except Exception:  # noqa: BLE001 - a cluster already gone keeps nothing to restore
+            pass

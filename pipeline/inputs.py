@@ -1,0 +1,220 @@
+"""The one input layer: any accepted X / Y / y turned into what the graph builders use.
+
+Every X or Y accepts a NumPy array (or anything ``np.asarray`` takes), a dask array, a
+Zarr array, a :class:`~pipeline.store.Dataset` or a dataset URL / path; :func:`as_rows`
+makes it a :class:`RowSource` with one set of checks and messages, and labels go
+through :func:`as_labels`.  A row source hands tasks their rows without dask.array
+(whose import, with the scipy modules it loads, costs about half a second): a Zarr
+array is read inside the tasks that use it, an in-memory array is one graph key that
+tasks slice, a dask array gives its blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .store.datasets import Dataset, open_dataset
+from .store.reads import check_safe, read_block, take_rows
+from .store.results import content_identity
+
+__all__ = ["RowSource", "as_rows", "as_labels", "rows_of", "check_same_features"]
+
+
+class RowSource:
+    """Rows ``lo .. hi - 1`` of one input set, as the graph hands them to tasks.
+
+    Parameters
+    ----------
+    data : zarr.Array, dask array or array-like
+        Opened already (see :func:`as_rows` for URLs and Datasets).
+    name : str
+        The set's name in error messages ("X", "QUERY" ...).
+    lo, hi : int, optional
+        A range of its rows (default all).
+
+    Attributes
+    ----------
+    kind : {"zarr", "numpy", "dask"}
+        Where the rows are: a Zarr array read inside the tasks that use them (no block
+        is held between tasks), an in-memory array (one graph key that tasks slice) or
+        a dask array (rechunked to the plan's blocks).
+    shape : (int, int)
+    dtype : numpy.dtype
+    chunk_rows : int or None
+        Rows per stored chunk (Zarr inputs).
+    dataset : Dataset or None
+        The dataset the rows come from (its labels, its identity).
+    """
+
+    def __init__(self, data, name="X", lo=0, hi=None, *, dataset=None):
+        import dask
+        import zarr
+
+        if isinstance(data, RowSource):
+            dataset = data.dataset
+            data, lo, hi = data.data, data.lo + lo, data.lo + (data.shape[0] if hi is None else hi)
+        if isinstance(data, Dataset):
+            dataset, data = data, data.X_zarr
+        if isinstance(data, zarr.Array):
+            check_safe(data, name)
+            self.kind = "zarr"
+        elif dask.is_dask_collection(data):
+            self.kind = "dask"
+        else:
+            try:
+                data = np.asarray(data)
+            except Exception as e:  # noqa: BLE001 - anything unconvertible is bad input
+                raise InputError(f"{name} cannot be read as an array: {e}") from None
+            self.kind = "numpy"
+        if data.ndim != 2:
+            raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {data.shape}")
+        if any(math.isnan(n) for n in data.shape):
+            raise InputError(f"{name} has unknown chunk sizes (shape {data.shape}); call "
+                             "compute_chunk_sizes() on the dask array first")
+        if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
+            raise InputError(f"{name} must be numeric, got dtype {data.dtype}")
+        hi = data.shape[0] if hi is None else hi
+        if hi - lo == 0 or data.shape[1] == 0:
+            raise InputError(f"{name} is empty (shape {(hi - lo, data.shape[1])}); it needs at least one row "
+                             "and one feature")
+        self.data, self.name, self.lo, self.hi, self.dataset = data, name, int(lo), int(hi), dataset
+        self.shape = (self.hi - self.lo, int(data.shape[1]))
+        self.dtype = np.dtype(data.dtype)
+        self.chunk_rows = int(data.chunks[0]) if self.kind == "zarr" else None
+
+    def __repr__(self):
+        return f"RowSource({self.name}, {self.kind}, rows {self.lo}..{self.hi - 1} of {self.data.shape})"
+
+    @property
+    def zarr(self):
+        """The Zarr array the rows are read from, or None."""
+        return self.data if self.kind == "zarr" else None
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the stored chunks are compressed (a partial read decodes a whole chunk)."""
+        return bool(self.kind == "zarr" and self.data.compressors)
+
+    def rows(self, lo, hi, name=None):
+        """Rows ``lo .. hi - 1`` of this set (relative), as a row source of their own."""
+        return RowSource(self, name or self.name, lo, hi)
+
+    def identity(self) -> str:
+        """What the whole input is, by content (:func:`pipeline.store.content_identity`)."""
+        return content_identity(self.dataset if self.dataset is not None else self.data)
+
+    def take(self, idx):
+        """Rows ``idx`` (relative) as a NumPy array: a few rows, read with the checks of any read."""
+        idx = np.asarray(idx, dtype=np.int64) + self.lo
+        if self.kind == "zarr":
+            return take_rows(self.data, idx)
+        rows = self.data[idx]
+        return rows.compute() if self.kind == "dask" else np.asarray(rows)
+
+    def pieces(self, blocks, key, dsk):
+        """Per block ``(a, b)`` (relative rows), the task arguments ``(value, a', b')``.
+
+        A task gets its rows with :func:`rows_of`: ``value[a':b']`` of an in-memory
+        block, or read from the Zarr array ``value``, held by the graph key ``key``
+        (its metadata and path, never its data) or an in-memory array held by it.
+        Adds that key to ``dsk``; returns the list and the dask collections the graph
+        depends on.
+        """
+        if self.kind == "dask":
+            sizes = tuple(b - a for a, b in blocks)
+            arr = self.data[self.lo:self.hi]
+            if arr.chunks[1:] != tuple((n,) for n in arr.shape[1:]):
+                arr = arr.rechunk({1: arr.shape[1]})
+            arr = arr.rechunk({0: sizes})
+            keys = [key for row in arr.__dask_keys__() for key in row]
+            return [(key, 0, b - a) for key, (a, b) in zip(keys, blocks)], [arr]
+        dsk[key] = self.data
+        return [(key, self.lo + a, self.lo + b) for a, b in blocks], []
+
+    def dask(self, rows=None):
+        """The rows as a dask array chunked by rows only.
+
+        ``rows``: rows per chunk (a tuple: of each chunk); default the stored chunks
+        (one block for in-memory data).  Zarr-backed data are read straight into
+        chunks of this size (no rechunk layer, so reading fuses into the task that
+        uses the block).
+        """
+        import dask.array as da
+
+        n, d = self.shape
+        if self.kind == "zarr":
+            step = rows or self.chunk_rows
+            if not isinstance(step, tuple):
+                step = min(step, max(self.data.shape[0], 1))
+            arr = da.from_zarr(self.data, chunks=(step, d))
+            return arr if (self.lo, self.hi) == (0, self.data.shape[0]) else arr[self.lo:self.hi]
+        if self.kind == "numpy":
+            return da.from_array(self.data[self.lo:self.hi], chunks=(rows or max(1, n), d))
+        arr = self.data[self.lo:self.hi] if (self.lo, self.hi) != (0, self.data.shape[0]) else self.data
+        if len(arr.chunks[1]) != 1:
+            arr = arr.rechunk({1: d})
+        if rows is not None and arr.chunks[0][0] != rows:
+            arr = arr.rechunk({0: rows})
+        return arr
+
+
+def rows_of(value, a, b, work=None):
+    """Task side of :meth:`RowSource.pieces`: rows ``a .. b - 1`` of a block value or Zarr array.
+
+    Zarr rows are read into ``work``'s reused buffer when given (the caller must not
+    return it).
+    """
+    if isinstance(value, np.ndarray):
+        return value[a:b]
+    return read_block(value, a, b, work)
+
+
+def as_rows(X, name="X"):
+    """Any accepted input as a :class:`RowSource` (a URL or path opens its dataset once).
+
+    Raises
+    ------
+    InputError
+        If ``X`` cannot be opened, is not 2-D numeric, is empty, or is a dask array of
+        unknown chunk sizes.  The message names ``name``.
+    """
+    if isinstance(X, RowSource):
+        return X if X.name == name else RowSource(X, name)
+    if isinstance(X, (str, Path)):
+        X = open_dataset(X)
+    return RowSource(X, name)
+
+
+def check_same_features(X, Y):
+    """Refuse two row sources whose numbers of columns differ, naming both."""
+    if X.shape[1] != Y.shape[1]:
+        raise InputError(f"{X.name} has {X.shape[1]} features but {Y.name} has {Y.shape[1]}; both sets need "
+                         "the same number of columns")
+
+
+def as_labels(y, n, name="y"):
+    """Labels as a 1-D NumPy array of length ``n`` (8 bytes a row: held in memory).
+
+    ``y`` is an array-like, a dask array, a Dataset or URL (its ``y``), or a RowSource
+    of a dataset.
+    """
+    import dask
+
+    if isinstance(y, RowSource):
+        y = y.dataset
+    if isinstance(y, (str, Path)):
+        y = open_dataset(y)
+    if isinstance(y, Dataset):
+        if y.y_zarr is None:
+            raise InputError(f"dataset {y.url!r} has no labels 'y'")
+        y = y.y_zarr[...]
+    if dask.is_dask_collection(y):
+        y = y.compute()
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise InputError(f"{name} has shape {y.shape}; expected ({n},), one label per row of X")
+    return y
