@@ -104,7 +104,8 @@ def _cli(*argv, **kw):
 
 
 def test_progress_bar_on_request_only(tmp_path):
-    base = ["generate", "cifar-like", "--n-samples", 3000, "--chunk-rows", 100]
+    # Big enough to run well over the bar's 0.5 s minimum on a fast machine (~3 s here).
+    base = ["generate", "cifar-like", "--n-samples", 20000, "--chunk-rows", 500]
     quiet = _cli(*base, tmp_path / "a.zarr")  # stderr is a pipe, not a terminal: no bar
     assert quiet.returncode == 0 and "[#" not in quiet.stderr
     loud = _cli(*base, tmp_path / "b.zarr", "--progress")
