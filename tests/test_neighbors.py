@@ -15,6 +15,8 @@ import pipeline as pl
 from pipeline.cli import main
 from pipeline.errors import InputError
 
+from knn_reference import reference_predict, reference_vote
+
 
 def _ref(X, Y, k):
     """Reference: float64 cdist; stable argsort keeps tied distances in index order."""
@@ -140,20 +142,64 @@ def _iris():
     return X[order], y[order]
 
 
+def _check_classifier(ours, ref, Xtr, ytr, Xte, yte, k, weights, min_clear, exact=True, **tol):
+    """``ours`` against scikit-learn's ``ref`` where no tie can matter, and against the
+    documented tie rule everywhere.
+
+    Where the k-th and (k+1)-th exact distances differ by far more than rounding, the
+    k nearest rows are one set for any tie rule: predict, predict_proba and score must
+    be scikit-learn's.  At a tie, scikit-learn keeps whichever row its GEMM rounding
+    puts first (it varies with BLAS and machine): there the reference is the
+    documented rule (stable ranking of exact distances, then the vote) in NumPy.
+
+    ``exact``: the float64 distances are exact (integer data), so a tie in real
+    arithmetic is a tie in float64 on every machine and the rule decides every row.
+    Otherwise such a tie comes out as a gap of an ulp or two, which side wins is
+    rounding (pipeline's, not only the peer's), and the rule is checked on the rows
+    whose vote no tie-break can change; the others must still be a k-nearest set
+    (tie-independent distances) and its vote.
+    """
+    want, want_proba, clear, settled = reference_predict(Xtr, ytr, Xte, k, weights)
+    assert clear.mean() >= min_clear, clear.mean()  # the peer comparison covers most rows
+    pred, proba = ours.predict(Xte), ours.predict_proba(Xte)
+    np.testing.assert_array_equal(ours.classes_, ref.classes_)
+    np.testing.assert_array_equal(pred[clear], ref.predict(Xte[clear]))
+    np.testing.assert_allclose(proba[clear], ref.predict_proba(Xte[clear]), **tol)
+    assert ours.score(Xte[clear], yte[clear]) == pytest.approx(ref.score(Xte[clear], yte[clear]))
+    # The documented rule, tied rows included (exact distances, so exact zeros: 1e-12
+    # relative is summation order only).
+    rows = slice(None) if exact else settled
+    np.testing.assert_array_equal(pred[rows], want[rows])
+    np.testing.assert_allclose(proba[rows], want_proba[rows], rtol=1e-12, atol=1e-15)
+    assert ours.score(Xte[rows], yte[rows]) == pytest.approx(np.mean(want[rows] == yte[rows]), abs=1e-15)
+    if not exact:
+        dist, ind = ours.kneighbors(Xte)
+        np.testing.assert_allclose(dist, _ref(Xte, Xtr, k)[0], rtol=1e-12, atol=1e-12)
+        v, vp = reference_vote(np.searchsorted(ours.classes_, ytr)[ind], dist, len(ours.classes_), weights)
+        np.testing.assert_array_equal(pred, ours.classes_[v])
+        np.testing.assert_allclose(proba, vp, rtol=1e-12, atol=1e-15)
+    return clear
+
+
+@pytest.mark.parametrize("units", ["cm", "mm"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_classifier_matches_sklearn_iris(weights, k):
+def test_classifier_matches_sklearn_iris(weights, k, units):
     X, y = _iris()
+    # Iris has duplicate rows and one-decimal values: 4-22 of the 100 queries are tied
+    # at the k-th distance (row 87 at k=8: the 8th and 9th are 0.6557 away, labels 1
+    # and 2).  In mm the values are integers: the same ties, exact in float64.
+    X = X if units == "cm" else np.round(X * 10)
     labels = np.array(["setosa", "versicolor", "virginica"])[y]
-    Xtr, ytr, Xte = X[:100], labels[:100], X[50:]  # overlap: zero distances
+    Xtr, ytr, Xte, yte = X[:100], labels[:100], X[50:], labels[50:]  # overlap: zero distances
     ours = pl.KNeighborsClassifier(n_neighbors=k, weights=weights).fit(Xtr, ytr)
     ref = SkKNN(n_neighbors=k, weights=weights, algorithm="brute").fit(Xtr, ytr)
-    np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
-    # scikit-learn's expansion leaves ~1e-8 instead of 0 for a training row queried
-    # again; its weight 1/1e-8 then dominates the same way the exact rule does.
-    np.testing.assert_allclose(ours.predict_proba(Xte), ref.predict_proba(Xte), atol=1e-6)
-    assert ours.score(Xte, labels[50:]) == pytest.approx(ref.score(Xte, labels[50:]))
-    np.testing.assert_array_equal(ours.classes_, ref.classes_)
+    # In cm scikit-learn's expansion leaves ~1e-8 instead of 0 for a training row
+    # queried again; its weight 1/1e-8 then dominates the same way the exact rule does.
+    tol = dict(atol=1e-6) if units == "cm" else dict(rtol=1e-9, atol=1e-12)
+    clear = _check_classifier(ours, ref, Xtr, ytr, Xte, yte, k, weights, min_clear=0.75,
+                              exact=units == "mm", **tol)
+    assert not clear.all()  # and the tied rows are there, checked by the rule
 
 
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
@@ -162,11 +208,11 @@ def test_classifier_matches_sklearn_digits(digits, weights):
     Xtr, ytr, Xte = X[:1200], y[:1200], X[1200:] + 0.0
     ours = pl.KNeighborsClassifier(n_neighbors=7, weights=weights, memory_budget="64MiB").fit(Xtr, ytr)
     ref = SkKNN(n_neighbors=7, weights=weights, algorithm="brute").fit(Xtr, ytr)
-    np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
-    np.testing.assert_allclose(ours.predict_proba(Xte), ref.predict_proba(Xte), rtol=1e-9, atol=1e-12)
+    # Integer pixels: 12 of the 597 queries are tied at the 7th distance.
+    _check_classifier(ours, ref, Xtr, ytr, Xte, y[1200:], 7, weights, min_clear=0.95, rtol=1e-9, atol=1e-12)
     d1, i1 = ours.kneighbors(Xte)
     d2, i2 = ref.kneighbors(Xte)
-    np.testing.assert_allclose(d1, d2, rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(d1, d2, rtol=1e-9, atol=1e-7)  # sorted distances: the same at ties
 
 
 def test_classifier_params_clone_and_dataset_labels(tmp_path, digits):
@@ -181,7 +227,13 @@ def test_classifier_params_clone_and_dataset_labels(tmp_path, digits):
     ds = pl.write_dataset(tmp_path / "tr.zarr", X[:500], y=y[:500])
     clf.fit(str(tmp_path / "tr.zarr"))  # labels come from the dataset
     ref = SkKNN(n_neighbors=4, weights="distance", algorithm="brute").fit(X[:500], y[:500])
-    np.testing.assert_array_equal(clf.predict(X[500:700]), ref.predict(X[500:700]))
+    # scikit-learn where the 4th and 5th distances differ (195 of 200 rows), the
+    # documented tie rule on all.
+    want, _, clear, _ = reference_predict(X[:500], y[:500], X[500:700], 4, "distance")
+    assert clear.mean() >= 0.95
+    pred = clf.predict(X[500:700])
+    np.testing.assert_array_equal(pred[clear], ref.predict(X[500:700][clear]))
+    np.testing.assert_array_equal(pred, want)
     assert ds.n_samples == 500
 
 
@@ -236,7 +288,11 @@ def test_write_knn_and_cli(tmp_path, digits, capsys):
     assert main(["knn", te, tr, out, "--k", "5", "--memory-budget", "64MiB", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     ref = SkKNN(n_neighbors=5, algorithm="brute").fit(X[:1400], y[:1400])
-    acc = ref.score(X[1400:], y[1400:])
+    # The predictions are scikit-learn's where the 5th and 6th distances differ (391
+    # of 397 rows) and the documented tie rule's on all; so is the accuracy.
+    want, _, clear, _ = reference_predict(X[:1400], y[:1400], X[1400:], 5)
+    assert clear.mean() >= 0.95
+    acc = float(np.mean(want == y[1400:]))
     assert f"accuracy: {round(acc, 6)}" in printed
     import zarr
 
@@ -244,7 +300,8 @@ def test_write_knn_and_cli(tmp_path, digits, capsys):
     meta = g.attrs["pipeline"]
     assert meta["kind"] == "neighbors" and meta["complete"] and meta["accuracy"] == pytest.approx(acc)
     assert g["indices"].dtype == np.int64 and g["indices"].shape == (397, 5)
-    np.testing.assert_array_equal(g["predictions"][:], ref.predict(X[1400:]))
+    np.testing.assert_array_equal(g["predictions"][:][clear], ref.predict(X[1400:][clear]))
+    np.testing.assert_array_equal(g["predictions"][:], want)
     _, ri = _ref(X[1400:], X[:1400], 5)
     np.testing.assert_array_equal(g["indices"][:], ri)
     # Same job again: already complete, exit 0; another job at OUT: refused (exit 2).
