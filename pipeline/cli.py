@@ -360,7 +360,7 @@ def main(argv=None) -> int:
 
         from .runtime import connect, limit_malloc
 
-        limit_malloc()  # this process is the command's own: its RSS should track what is live
+        limit_malloc()  # the command's own process: its RSS should track what is live (budget)
         start, base = time.perf_counter(), _peak_rss()
         with connect(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
                      memory_budget=args.memory_budget, progress=args.progress, report=args.report,

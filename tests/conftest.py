@@ -111,11 +111,16 @@ def run_measured(code, *, setup="", imports="import pipeline, numpy, dask.array,
 
     The idle reference is a separate process that runs the same ``imports`` and
     ``setup`` (and a tiny GEMM, so BLAS has loaded) and nothing else: the difference is
-    what the operation added, which is what a memory budget promises.
+    what the operation added, which is what a memory budget promises.  Both run with
+    glibc's allocator limited (``pipeline.runtime.limit_malloc``), as the ``pipeline``
+    command and the workers of ``connect("local")`` do: otherwise glibc may keep freed
+    blocks resident, and RSS measures its caching, not what the operation holds.
     """
     prelude = textwrap.dedent(f"""
         import resource, sys
         {imports}
+        import pipeline.runtime as _rt
+        _rt.limit_malloc()
         import numpy as _np
         _np.ones((64, 64)) @ _np.ones((64, 64))
     """)

@@ -26,7 +26,7 @@ def main(argv):
     def pause(*_):
         time.sleep(delay)
 
-    limit_malloc()
+    limit_malloc()  # as the pipeline command does
     with connect(a.scheduler, workers=a.workers, threads_per_worker=a.threads_per_worker,
                  memory_budget=a.memory_budget, progress=False):
         if a.command == "distances":

@@ -5,42 +5,10 @@ budget four times smaller, and the peak resident set above an idle process (same
 imports, nothing run) must stay inside the budget.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 
 import pipeline as pl
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_measured(code, imports="import pipeline, numpy, dask.array, zarr"):
-    """Run ``code`` in a fresh Python; return (peak RSS above idle in bytes, stdout).
-
-    The peak is the child's own ``VmHWM`` (/proc/self/status), which starts afresh at
-    exec.  ``ru_maxrss`` does not: Linux carries the forking parent's high-water mark
-    across exec, so a child of a large pytest process reports the parent's size.  The
-    idle reference runs the same imports and a tiny GEMM (BLAS loaded), nothing else.
-    """
-    prelude = f"{imports}\nimport numpy as _np\n_np.ones((64, 64)) @ _np.ones((64, 64))\n"
-    probe = textwrap.dedent("""
-        for _line in open("/proc/self/status"):
-            if _line.startswith("VmHWM:"):
-                print("PEAK", int(_line.split()[1]) * 1024)
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    peaks, out = [], ""
-    for body in ("", textwrap.dedent(code)):
-        r = subprocess.run([sys.executable, "-c", prelude + body + "\n" + probe],
-                           capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
-        peaks.append(int([ln for ln in r.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1]))
-        out = r.stdout
-    return peaks[1] - peaks[0], out
+from conftest import run_measured
 
 BUDGET = 96 * 2**20
 

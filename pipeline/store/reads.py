@@ -187,7 +187,7 @@ def _read_raw_rows(arr, start, stop, out):
     """Read rows ``start:stop`` of raw-byte chunks (:func:`_raw_layout`) into ``out``.
 
     Zarr would read each chunk file into a fresh buffer, wrap it and copy the rows
-    out: with glibc's mmap threshold held low (:func:`pipeline.runtime.limit_malloc`)
+    out: with glibc's mmap threshold held low (:func:`pipeline.runtime.limit_malloc`, opt-in)
     every such buffer is page-faulted afresh, twice the cost of the copy.  Returns
     False, having read nothing that counts, when the layout does not apply or a chunk
     file is missing or of the wrong size: zarr's path then reads it and raises what
