@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 CASES = {
-    "g1": dict(n=200_000, d=64, K=16, iters=10, tools=["pipeline", "sklearn"], budget="1GiB"),
+    # pipeline-trim: the same API call in a process that opted in to
+    # pipeline.runtime.limit_malloc(), as the `pipeline` command's process does.
+    "g1": dict(n=200_000, d=64, K=16, iters=10, tools=["pipeline", "pipeline-trim", "sklearn"], budget="1GiB"),
     # Memory flat in n; scikit-learn takes ~36 s an iteration here: one timed run.
     "g2": dict(n=1_000_000, d=64, K=16, iters=3, tools=["pipeline", "sklearn"], budget="1GiB",
                sklearn_rounds=[1]),
@@ -52,6 +54,8 @@ CASES = {
 
 IMPORTS = {
     "pipeline": "import numpy, dask.array, zarr, pipeline, pipeline.mixture",
+    "pipeline-trim": "import numpy, dask.array, zarr, pipeline, pipeline.mixture, pipeline.runtime\n"
+                     "pipeline.runtime.limit_malloc()",
     "sklearn": "import numpy, zarr, sklearn.mixture",
     "pipeline-step": "import numpy, dask.array, zarr, pipeline, pipeline.mixture",
 }
@@ -63,7 +67,7 @@ def _code(tool, paths, case, iters):
         init = dict(weights_init=st["weights"], means_init=st["means"], precisions_init=st["precisions"])
     """
     start = textwrap.dedent(start)
-    if tool == "pipeline":
+    if tool in ("pipeline", "pipeline-trim"):
         return start + textwrap.dedent(f"""
             import time, warnings
             gm = pipeline.GaussianMixture({case['K']}, max_iter={iters}, tol=0.0,
@@ -222,6 +226,8 @@ def _bench(name, case, runs, directory, gemm):
         print(rows["pipeline-step"][-1].get("plan", ""))
     if "sklearn" in summary:
         summary["time_ratio"] = summary["pipeline"]["per_iter_s"] / summary["sklearn"]["per_iter_s"]
+        if "pipeline-trim" in summary:
+            summary["time_ratio_trim"] = summary["pipeline-trim"]["per_iter_s"] / summary["sklearn"]["per_iter_s"]
     return summary
 
 
@@ -230,11 +236,12 @@ def _table(results, gemm):
              "| case | tool | per iteration | wall (end to end) | peak RSS above idle | GFLOP/s (dense-equivalent) | % of GEMM peak | ratio | lower bound |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
-        for tool in ("pipeline", "pipeline-step", "sklearn"):
+        for tool in ("pipeline", "pipeline-trim", "pipeline-step", "sklearn"):
             if tool not in s:
                 continue
             t = s[tool]
-            ratio = f"{s['time_ratio']:.3f}x" if tool == "pipeline" and "time_ratio" in s else ""
+            key = {"pipeline": "time_ratio", "pipeline-trim": "time_ratio_trim"}.get(tool)
+            ratio = f"{s[key]:.3f}x" if key in s else ""
             lines.append(f"| {name} | {tool} | {t['per_iter_s']:.3f} s | {t['wall_s']:.1f} s | "
                          f"{t['peak_above_idle_MiB']:.0f} MiB | {t['gflops']:.1f} | "
                          f"{100 * t['fraction_of_gemm_peak']:.0f}% | {ratio} | {t['lower_bound']:.12g} |")
