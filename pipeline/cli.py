@@ -351,6 +351,10 @@ def main(argv=None) -> int:
             from .sizes import parse_budget
 
             parse_budget(args.memory_budget, name="--memory-budget")
+        if runs_work or args.command == "run":
+            from .runtime import limit_malloc
+
+            limit_malloc()  # the command's own process: its RSS should track what is live (budget)
         if not runs_work:
             _HANDLERS[args.command](args)
             return 0
@@ -358,9 +362,8 @@ def main(argv=None) -> int:
             import dask.array  # noqa: F401 - so the idle footprint includes what the run imports
         import zarr  # noqa: F401
 
-        from .runtime import connect, limit_malloc
+        from .runtime import connect
 
-        limit_malloc()  # the command's own process: its RSS should track what is live (budget)
         start, base = time.perf_counter(), _peak_rss()
         with connect(args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
                      memory_budget=args.memory_budget, progress=args.progress, report=args.report,

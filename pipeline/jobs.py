@@ -261,11 +261,16 @@ def _check_existing_output(where, key, url, what, name, opts):
     kind = meta.get("kind")
     if kind == what and what != "dataset":
         return  # the writer decides: same job -> skip or resume, another job -> refused
-    if kind == "dataset" == what and (meta.get("job") == _fingerprint(name, opts) or not meta.get("complete")):
+    if kind == "dataset" == what and (_recorded_job(meta) == _fingerprint(name, opts) or not meta.get("complete")):
         return  # the same step's dataset (skipped) or an interrupted one (written again)
     held = f"a {kind} store" if kind else "something that is not a pipeline store"
     _fail(where, f"{key}: {url!r} already exists and holds {held} from other parameters; "
                  "add 'overwrite: true' to the step (or the job) or choose another path")
+
+
+def _recorded_job(meta):
+    """The step fingerprint a dataset was written with (``step``: datasets of before 0.2)."""
+    return meta.get("job") or meta.get("step")
 
 
 def _fingerprint(name, opts):
@@ -288,7 +293,7 @@ def _dataset_step(name, opts, budget, echo):
     out, fp = opts["out"], _fingerprint(name, opts)
     overwrite = opts["overwrite"]
     meta = None if overwrite else results.existing(out)
-    if meta and meta.get("kind") == "dataset" and meta.get("complete") and meta.get("job") == fp:
+    if meta and meta.get("kind") == "dataset" and meta.get("complete") and _recorded_job(meta) == fp:
         return {"status": "skipped: already complete for the same parameters", "output": out}
     if meta and meta.get("kind") == "dataset" and not meta.get("complete"):
         echo("  an earlier run of this step was interrupted: writing it again")

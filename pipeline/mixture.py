@@ -935,7 +935,7 @@ def predict_to_store(model_url, data, out, *, memory_budget=None, overwrite=Fals
         rows = wlp.chunks[0]
         labels = wlp.map_blocks(_labels_block, drop_axis=1, dtype=np.int64, token="pipeline-gmm-labels")
         ll = wlp.map_blocks(_lse_block, drop_axis=1, dtype=np.float64, token="pipeline-gmm-score")
-        pairs = [(arr, result.array(name, arr.shape, (rows[0],), arr.dtype))
+        pairs = [(arr, result.array(name, arr.shape, (rows[0],), arr.dtype, compressors="auto"))
                  for name, arr in (("labels", labels), ("log_likelihood", ll))]
         writes, written, kept = result.write_blocks(pairs, "gmm-predict-write")
         if writes is not None:

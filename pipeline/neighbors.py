@@ -48,7 +48,7 @@ from .store.results import ResultWriter, job_fingerprint
 
 __all__ = ["kneighbors", "KNeighborsClassifier", "write_knn"]
 
-_SPLIT_EVERY = 8  # tree width of the merge (budget._cost_knn counts these partials)
+_SPLIT_EVERY = 8  # tree width of the merge (budget.cost_knn counts these partials)
 
 
 # ------------------------------------------------------------------------ validation

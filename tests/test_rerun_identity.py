@@ -90,6 +90,17 @@ def test_a_chunk_rewritten_in_place_is_new_data(tmp_path, capsys):
     np.testing.assert_allclose(_array(out, "D"), want, rtol=1e-5, atol=1e-4)
 
 
+def test_an_output_inside_its_input_does_not_change_the_input(tmp_path, capsys):
+    # Only the input's arrays name it: an output group (and its lock) nested inside the
+    # input's store is not its data, so the rerun is still the same job.
+    q, t = tmp_path / "q.zarr", tmp_path / "t.zarr"
+    _blobs(q, 1, n=100)
+    _blobs(t, 2)
+    capsys.readouterr()
+    assert run(capsys, "distances", q, t, t / "D")["status"] == "complete"
+    assert run(capsys, "distances", q, t, t / "D")["status"].startswith(SKIPPED)
+
+
 def test_gmm_fit_and_predict_follow_new_data(tmp_path, capsys):
     """The issue's reproduction: the model of the old data was kept and reported as current."""
     d, m, p = tmp_path / "d.zarr", tmp_path / "m.zarr", tmp_path / "p.zarr"

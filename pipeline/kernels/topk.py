@@ -377,28 +377,35 @@ def queries_workspace(n_query, n_features, itemsize):
     from .buffers import Workspace
 
     w = max(int(itemsize), 4)  # working dtype: float64 stays, float32 and integers -> float32
-    return [Workspace("query block, prepared", n_query * n_features * (w + 8),
+    exact = 8 if int(itemsize) != 8 else 0  # float64 queries are their own float64 copy
+    return [Workspace("query block, prepared", n_query * n_features * (w + exact),
                       "centred copy + float64 copy for the exact re-rank")]
 
 
 def steps_workspace(n_query, step, n_features, itemsize, n_candidates):
     """Bytes one task of :func:`knn_steps` holds for a step of ``step`` training rows.
 
-    The step centred in the working dtype, the ``(n_query, step)`` ranking block and
-    its mask, :func:`select_smallest`'s index array (``_SELECT_ROWS`` query rows at a
-    time), and the exact re-rank's buffers (``_RERANK_BYTES`` of gathered rows, three
-    of them, and per candidate pair its rows, columns and distances).
+    The step centred in the working dtype; the ``(n_query, step)`` ranking block and its
+    mask; the copy of the ranking rows of the queries cut by rank (at most all of them);
+    :func:`select_smallest`'s temporaries (its argpartition path: an index array for
+    ``_SELECT_ROWS`` query rows; its threshold path: per candidate about ``_GROUP``
+    examined entries, each an index, a value, a threshold and a mask entry); and the
+    exact re-rank's buffers (``_RERANK_BYTES`` of gathered rows, three of them, and per
+    candidate pair its rows, columns, distances and its share of the merged lists).
     """
     from .buffers import Workspace
 
     w = max(int(itemsize), 4)
+    argpartition = min(n_query, _SELECT_ROWS) * step * 8
+    threshold = n_query * n_candidates * _GROUP * (8 + 2 * w + 1) + n_query * (step // _GROUP + 1) * w
     return [
         Workspace("train step centred", step * n_features * w, f"up to {step} rows per GEMM, working dtype"),
         Workspace("ranking block", n_query * step * (w + 1), "one GEMM: ||y||^2 - 2 x.y, and its mask"),
-        Workspace("selection indices", min(n_query, _SELECT_ROWS) * step * 8,
-                  f"{_SELECT_ROWS} query rows at a time"),
-        Workspace("exact re-rank buffers", 3 * _RERANK_BYTES + n_query * n_candidates * 48,
-                  "gathered candidates, float64; candidate pairs"),
+        Workspace("ranking rows cut by rank", n_query * step * w, "a copy of the rows of queries with too many "
+                  "candidates"),
+        Workspace("selection", max(argpartition, threshold), "argpartition indices or the threshold pass"),
+        Workspace("exact re-rank buffers", 3 * _RERANK_BYTES + n_query * n_candidates * 96,
+                  "gathered candidates, float64; candidate pairs and their merge"),
     ]
 
 

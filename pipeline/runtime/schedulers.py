@@ -31,7 +31,7 @@ TASK_OVERHEAD = 16 * 2**10
 # A worker process's own idle footprint (numpy, dask, distributed and zarr imported).
 _WORKER_IDLE = 150 * 2**20
 
-_state = {"progress": None, "client": None}
+_state = {"progress": None}
 
 
 def cores() -> int:
@@ -345,6 +345,7 @@ def _workers_limited(client, own):
     connection ends: a cluster of the user's is left as it was found.  ``own``: the
     workers are processes :func:`connect` started, so :func:`limit_malloc` applies too.
     """
+    import uuid
     from urllib.parse import urlsplit
 
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -352,7 +353,9 @@ def _workers_limited(client, own):
     hosts = _host_threads(client)
 
     class _BlasLimit(WorkerPlugin):
-        name = "pipeline-blas-limit"
+        # One name per connection: two sessions on one cluster must not tear down
+        # (or unregister) each other's limits.
+        name = f"pipeline-blas-limit-{uuid.uuid4().hex}"
 
         def setup(self, worker):
             from threadpoolctl import threadpool_limits

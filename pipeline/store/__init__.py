@@ -1,7 +1,8 @@
 """Zarr stores by concept: datasets, integrity-checked reads, locks, the result writer, ingest, generators.
 
-``urls`` (where stores live) <- ``reads`` (checked and raw chunk reads) <- ``locks`` <-
-``results`` (the one result writer) <- ``datasets`` <- ``generate``; ``ingest`` (from
+``urls`` (where stores live), ``reads`` (checked and raw chunk reads); ``locks`` and
+``results`` (the one result writer) build on ``urls``; ``datasets`` on all of them,
+``generate`` on ``datasets``; ``ingest`` (from
 arrays and ``.npy`` files) also reads its arrays through :mod:`pipeline.inputs`, so it is
 imported as ``pipeline.store.ingest`` (not re-exported here: that would be an import
 cycle).

@@ -44,12 +44,19 @@ def job_fingerprint(**params) -> str:
 # ----------------------------------------------------------------------- identity
 
 def _listing(url):
-    """(relative name, size, modification stamp) of every file of a store but its root metadata.
+    """(relative name, size, modification stamp) of every file of the store's top-level arrays.
 
-    The root ``zarr.json`` holds attributes only (provenance, a job's step): the data
-    are the arrays' metadata and chunks.  Rewriting a chunk replaces its file, so its
-    stamp changes even when its size does not.
+    The data are the arrays' metadata and chunks (the root ``zarr.json`` holds
+    attributes only: provenance, a job's fingerprint; a group nested inside, such as an
+    output written there, or a lock file, is not the input's data).  Rewriting a chunk
+    replaces its file, so its stamp changes even when its size does not.
     """
+    import zarr
+
+    try:
+        arrays = set(zarr.open_group(store=url, mode="r").array_keys())
+    except Exception:  # noqa: BLE001 - not a group: every file counts
+        arrays = None
     entries = []
     if "://" not in url or url.startswith("file://"):
         root = url[len("file://"):] if url.startswith("file://") else url
@@ -57,14 +64,14 @@ def _listing(url):
             for name in files:
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root)
-                if rel != "zarr.json":
+                if rel != "zarr.json" and (arrays is None or rel.split(os.sep)[0] in arrays):
                     st = os.stat(full)
                     entries.append((rel, st.st_size, st.st_mtime_ns))
     else:
         fs, root = filesystem(url)
         for name, info in fs.find(root, detail=True).items():
             rel = name[len(root):].lstrip("/")
-            if rel != "zarr.json":
+            if rel != "zarr.json" and (arrays is None or rel.split("/")[0] in arrays):
                 stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "created", "last_modified")
                               if info.get(k) is not None), "")
                 entries.append((rel, info.get("size"), str(stamp)))
@@ -87,9 +94,10 @@ def content_identity(X) -> str:
     """What an input *is*, for job fingerprints: its URL and a digest of its stored files.
 
     A store (URL, Path, Dataset or Zarr array on a listable store) is named by the
-    sizes and stamps of its files, so data written again at the same URL give another
-    identity; an in-memory array by a hash of its bytes (dask's ``tokenize``); a dask
-    array by its graph's name.  Anything else gets a fresh token: never the same job.
+    sizes and stamps of its arrays' files, so data written again at the same URL give
+    another identity; an in-memory array by a hash of its bytes (dask's ``tokenize``).
+    Anything else, a dask array included (its graph's name does not follow the data it
+    reads), gets a fresh token: never the same job.
     """
     import uuid
 
@@ -114,7 +122,7 @@ def content_identity(X) -> str:
     from dask.base import is_dask_collection, tokenize
 
     if is_dask_collection(X):
-        return f"<dask {X.name}>"
+        return f"<dask {uuid.uuid4().hex}>"
     if isinstance(X, np.ndarray) or hasattr(X, "__array__"):
         a = np.asarray(X)
         return f"<array {a.shape} {a.dtype} {tokenize(a)}>"
@@ -190,8 +198,8 @@ class ResultWriter:
     attrs : dict, optional
         More attributes for a new output.
     on_block : callable, optional
-        Called with each block's index once its done-record is written (progress,
-        or a test slowing the run down).  Runs where the block is written: pass
+        Called with each block's index once it is written (and recorded, for a
+        resumable output): progress, or a test slowing the run down.  Runs where the block is written: pass
         something a worker can unpickle.
 
     Attributes
