@@ -57,21 +57,22 @@ def dask_threads() -> int:
     """Tasks that run at once in one process: per worker on a cluster, else dask's threads."""
     client = _current_client()
     if client is not None:
-        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
-        threads = [w.get("nthreads", 1) for w in info.get("workers", {}).values()]
+        threads = [w.get("nthreads", 1) for w in _workers(client).values()]
         return max(threads) if threads else 1
     import dask.config
 
     return int(dask.config.get("num_workers", None) or cores())
 
 
-def _accepts_n_workers(client):
+def _workers(client):
+    """{address: info} of every worker (newer distributed lists only a few unless asked)."""
     import inspect
 
     try:
-        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+        every = "n_workers" in inspect.signature(client.scheduler_info).parameters
     except (TypeError, ValueError):
-        return False
+        every = False
+    return client.scheduler_info(**({"n_workers": -1} if every else {})).get("workers", {})
 
 
 def limit_malloc():
@@ -328,8 +329,7 @@ def _host_threads(client):
     from urllib.parse import urlsplit
 
     totals = {}
-    for addr, w in client.scheduler_info(**({"n_workers": -1} if _accepts_n_workers(client) else {}))[
-            "workers"].items():
+    for addr, w in _workers(client).items():
         host = urlsplit(addr).hostname
         totals[host] = totals.get(host, 0) + int(w.get("nthreads", 1))
     return totals

@@ -80,9 +80,9 @@ def _listing(url):
 
 def _zarr_url(arr):
     """A URL for a Zarr array's own store and path, or None when its store has none."""
-    root = getattr(arr.store, "root", None)
-    if root is not None:
-        return os.path.join(str(root), arr.path) if arr.path else str(root)
+    local = group_url(arr)  # a local store's directory (arrays have .store and .path too)
+    if local is not None:
+        return local
     fs, path = getattr(arr.store, "fs", None), getattr(arr.store, "path", None)
     if fs is not None and path is not None:
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
