@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import BudgetError
 from .kernels import distances as _kd
-from .kernels import gaussian as _g
+from .kernels import covariances as _cv
 from .kernels import topk as _topk
 from .runtime import RUNTIME_OVERHEAD, TASK_OVERHEAD, dask_threads
 from .sizes import default_budget, format_bytes, parse_budget
@@ -202,23 +202,31 @@ def cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
     ]
 
 
-def cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0):
+def cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0,
+             covariance_type="full"):
     """Cost table of one plan of the EM pass (``rows``-row blocks, ``group`` components at once)."""
     d, K = n_features, n_components
     grouped = group < K
-    full, grp = K * d * d * 8, group * d * d * 8
-    # The driver holds theta_t's factors and covariances plus the concatenated factors
-    # shared with the tasks (one key); at the M-step, the summed scatter and
-    # theta_{t+1}'s covariances and factors (theta_t's are dropped first).
-    items = [CostItem("parameters (driver)", 3 * full + (grp if grouped else 0) + 4 * K * d * 8, 1,
-                      "factors, covariances, shared key / M-step")]
+    if covariance_type == "full":
+        full, grp = K * d * d * 8, group * d * d * 8
+        # The driver holds theta_t's factors and covariances plus the concatenated factors
+        # shared with the tasks (one key); at the M-step, the summed scatter and
+        # theta_{t+1}'s covariances and factors (theta_t's are dropped first).
+        items = [CostItem("parameters (driver)", 3 * full + (grp if grouped else 0) + 4 * K * d * 8, 1,
+                          "factors, covariances, shared key / M-step")]
+    else:
+        cov = _cv.parameter_bytes(covariance_type, K, d)
+        # Factors, covariances, the shared key's GEMM operand (2d x K, or P and its
+        # (d, K) product), and theta_{t+1}'s at the M-step, beside the means.
+        items = [CostItem("parameters (driver)", 4 * cov + 8 * K * d * 8, 1,
+                          f"{covariance_type}: factors, covariances, shared key / M-step")]
     if grouped:
         items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 2, "persisted between a group's passes"))
     items.append(CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"))
-    items += _items(_g.em_workspace(rows, group, n_features=d, n_components=K, itemsize=itemsize,
-                                    grouped=grouped), threads)
+    items += _items(_cv.em_workspace(covariance_type, rows, group, n_features=d, n_components=K,
+                                     itemsize=itemsize, grouped=grouped), threads)
     items += [
-        CostItem("sufficient statistics", _g.stats_bytes(group, d), threads + split_every + 1,
+        CostItem("sufficient statistics", _cv.stats_bytes(covariance_type, group, d), threads + split_every + 1,
                  "N, S1, S2: a task's accumulator, and in the tree"),
         CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
     ]
@@ -259,7 +267,7 @@ def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
     **shape
         ``distances``: ``n_x, n_y, n_features, itemsize=4, out_itemsize=None,
         upcast=False``.  ``knn``: ``n_query, n_train, n_features, k=5, itemsize=4``.
-        ``gmm``: ``n_samples, n_features, n_components, itemsize=8``.
+        ``gmm``: ``n_samples, n_features, n_components, itemsize=8, covariance_type="full"``.
 
     Returns
     -------
@@ -357,18 +365,30 @@ def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4)
                 {"n_query": n_q, "n_train": n_t, "n_features": d, "k": k, "itemsize": itemsize})
 
 
-def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8, chunk_rows=None):
+def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8, chunk_rows=None,
+              covariance_type="full"):
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
+    try:
+        _cv.check_type(covariance_type)
+    except ValueError as e:
+        raise BudgetError(str(e)) from None
 
     def cost(rows, group):
         return cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads,
-                         n_samples=n)
+                         n_samples=n, covariance_type=covariance_type)
 
     peak = lambda rows, group: sum(i.total for i in cost(rows, group))
     # Aim for row blocks of at least 1024 rows (GEMM efficiency); shrink the component
     # group before the rows, the rows only when one component alone does not fit.
     target = min(n, 1024)
-    group = _largest(lambda g: peak(target, g) <= budget, 1, K)
+    # Only full covariances are split into component groups: the others' parameters
+    # and statistics are K x d, not K x d x d.
+    smallest = 1 if covariance_type == "full" else K
+    group = _largest(lambda g: peak(target, g) <= budget, smallest, K)
+    if group is None and smallest > 1:
+        if peak(1, K) > budget:
+            _too_small("gmm", budget, peak(1, K), f"one row with all {K} components ({covariance_type})")
+        group = K
     if group is None:
         group = 1
         if peak(1, 1) > budget:
@@ -387,7 +407,8 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     params = {"rows": rows, "component_group": group, "component_groups": n_groups,
               "passes": 1 if n_groups == 1 else 2 * n_groups}
     return Plan("gmm", budget, threads, params, cost(rows, group),
-                {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize})
+                {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize,
+                 "covariance_type": covariance_type})
 
 
 _PLANNERS = {"distances": _plan_distances, "knn": _plan_knn, "gmm": _plan_gmm}

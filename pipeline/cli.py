@@ -15,6 +15,9 @@ import time
 
 from .errors import InputError, PipelineError
 
+#: kernels.covariances.COVARIANCE_TYPES, spelled out: parsing arguments imports no NumPy.
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
 __all__ = ["main"]
 
 
@@ -112,6 +115,7 @@ def build_parser():
         if op == "gmm":
             q.add_argument("--n-samples", type=_positive_int)
             q.add_argument("--n-components", type=_positive_int, default=1)
+            q.add_argument("--covariance-type", choices=COVARIANCE_TYPES, default="full")
         else:
             q.add_argument("--n-query", type=_positive_int)
             q.add_argument("--n-train", type=_positive_int)
@@ -142,10 +146,13 @@ def build_parser():
     g = sub.add_parser("gmm", help="Gaussian-mixture EM: fit, predict")
     gs = g.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     gs.required = True
-    f = gs.add_parser("fit", help="fit a full-covariance Gaussian mixture, saving each iteration")
+    f = gs.add_parser("fit", help="fit a Gaussian mixture, saving each iteration")
     f.add_argument("data", metavar="DATA")
     f.add_argument("model", metavar="MODEL")
     f.add_argument("--n-components", type=_int, default=1)
+    f.add_argument("--covariance-type", choices=COVARIANCE_TYPES, default="full",
+                   help="full: one d x d covariance per component; tied: one shared; diag: per-component "
+                        "variances; spherical: one variance per component (default full)")
     f.add_argument("--max-iter", type=_int, default=100)
     f.add_argument("--tol", type=float, default=1e-3)
     f.add_argument("--reg-covar", type=float, default=1e-6)
@@ -252,7 +259,7 @@ def _run_plan(a):
         if not (n and d):
             raise InputError("plan gmm needs DATA or --n-samples and --n-features")
         p = plan("gmm", n_samples=n, n_features=a.n_features or d, n_components=a.n_components,
-                 itemsize=itemsize or (dt.itemsize if dt is not None else 8),
+                 covariance_type=a.covariance_type, itemsize=itemsize or (dt.itemsize if dt is not None else 8),
                  memory_budget=a.memory_budget, threads=_plan_threads(a))
     else:
         nq = nt = d = None
@@ -307,7 +314,8 @@ def _run_gmm(a):
 
     if a.action == "fit":
         summary = mixture.fit_to_store(
-            a.data, a.model, n_components=a.n_components, max_iter=a.max_iter, tol=a.tol,
+            a.data, a.model, n_components=a.n_components, covariance_type=a.covariance_type,
+            max_iter=a.max_iter, tol=a.tol,
             reg_covar=a.reg_covar, init_params=a.init, random_state=a.seed,
             memory_budget=a.memory_budget, overwrite=a.overwrite)
     else:

@@ -20,6 +20,7 @@ import os
 import time
 
 from .errors import InputError, PipelineError
+from .kernels.covariances import COVARIANCE_TYPES
 from .runtime import connect, parse_scheduler
 from .sizes import parse_budget
 from .store import results
@@ -58,7 +59,8 @@ STEPS = {
     },
     "gmm-fit": {
         "data": ("required " + _PATH, None), "model": ("required " + _PATH, None),
-        "n_components": (_POS_INT, 1), "max_iter": (_POS_INT, 100), "tol": (_FLOAT, 1e-3),
+        "n_components": (_POS_INT, 1), "covariance_type": (COVARIANCE_TYPES, "full"),
+        "max_iter": (_POS_INT, 100), "tol": (_FLOAT, 1e-3),
         "reg_covar": (_FLOAT, 1e-6), "init": (("kmeans", "k-means++", "random", "random_from_data"), "kmeans"),
         "seed": (_INT, 0), "overwrite": (_BOOL, None),
     },
@@ -330,6 +332,7 @@ def _run_step(name, opts, budget, echo):
 
     if name == "gmm-fit":
         return mixture.fit_to_store(opts["data"], opts["model"], n_components=opts["n_components"],
+                                    covariance_type=opts["covariance_type"],
                                     max_iter=opts["max_iter"], tol=opts["tol"], reg_covar=opts["reg_covar"],
                                     init_params=opts["init"], random_state=opts["seed"],
                                     memory_budget=budget, overwrite=opts["overwrite"])

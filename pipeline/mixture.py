@@ -33,12 +33,13 @@ from .budget import plan
 from .errors import InputError, PipelineError
 from .estimator import BaseEstimator
 from .inputs import as_rows
+from .kernels import covariances as _cv
 from .kernels import gaussian as _g
 from .kernels import kmeans as _km
 from .runtime import (compute, delayed_of, persist, reduce_tree, shared_key, source_key, thread_buffers,
                       thread_work)
 from .store.reads import read_block
-from .store.results import ResultWriter, content_identity, job_fingerprint, open_result
+from .store.results import ResultWriter, content_identity, existing, job_fingerprint, open_result
 
 __all__ = ["GaussianMixture", "ConvergenceWarning", "em_step", "fit_to_store", "predict_to_store"]
 
@@ -52,10 +53,11 @@ class ConvergenceWarning(UserWarning):
 
 # ---------------------------------------------------------------------------- graphs
 
-def _plan(source, n_components, memory_budget):
+def _plan(source, n_components, memory_budget, covariance_type="full"):
     """The EM plan for a row source (its stored chunks align the blocks)."""
     return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=n_components,
-                itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows)
+                itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
+                covariance_type=covariance_type)
 
 
 def _block_offsets(X):
@@ -107,15 +109,19 @@ def _reduce_blocks(X, chunk, combine, shared, stage, *, split_every=_SPLIT_EVERY
 
 def _em_chunk(block, prepared):
     # The thread's scratch dict: the slice buffers survive from block to block too.
-    return _g.em_block_stats(block, prepared=prepared, work=thread_work())
+    return _cv.em_block_stats(block, prepared, work=thread_work())
 
 
 def _em_stats_graph(X, weights, means, precisions_cholesky, shift, component_group, split_every,
-                    store=None):
+                    store=None, covariance_type="full"):
     """The tree of one fused E+M pass; ``store``, the Zarr array behind X, if any."""
-    prepared = _g.prepare_parameters(weights, means, precisions_cholesky, shift=shift,
-                                     component_group=component_group)
-    return _reduce_blocks(X, _em_chunk, _g.combine_stats, prepared, "em", split_every=split_every,
+    if covariance_type == "full":
+        prepared = _g.prepare_parameters(weights, means, precisions_cholesky, shift=shift,
+                                         component_group=component_group)
+        prepared["type"] = "full"
+    else:
+        prepared = _cv.prepare_parameters(covariance_type, weights, means, precisions_cholesky, shift=shift)
+    return _reduce_blocks(X, _em_chunk, _cv.combine_stats, prepared, "em", split_every=split_every,
                           store=store)
 
 
@@ -179,8 +185,8 @@ def _group_stats_chunk(block, prepared, lse):
     return _g.resp_block_stats(block, logp, prepared["shift"])
 
 
-def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift=None,
-            split_every=None, plan=None):
+def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covariance_type="full",
+            shift=None, split_every=None, plan=None):
     """One fused E+M pass over ``X``: the sufficient statistics of an EM iteration.
 
     Parameters
@@ -189,11 +195,15 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
         NumPy, dask or Zarr array, Dataset, or dataset URL.
     weights : ndarray of shape (n_components,)
     means : ndarray of shape (n_components, n_features)
-    precisions_cholesky : ndarray of shape (n_components, n_features, n_features)
+    precisions_cholesky : ndarray
+        Of the type's shape (scikit-learn's ``precisions_cholesky_``): (K, d, d) full,
+        (d, d) tied, (K, d) diag, (K,) spherical.
     memory_budget : int or str, optional
         Bytes above the idle process (see :func:`pipeline.budget.parse_budget`).
-    shift : ndarray of shape (n_components, n_features), optional
-        Centre of the scatter statistics (default ``means``).
+    covariance_type : {"full", "tied", "diag", "spherical"}, default "full"
+    shift : ndarray, optional
+        Centre of the statistics: (K, d) for full (default ``means``), (d,) for the
+        others (default the weighted mean of the means).
     split_every : int, optional
         Width of the summation tree.
     plan : Plan, optional
@@ -202,10 +212,11 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
     Returns
     -------
     dict
-        ``N`` (K,) ``= sum r``, ``S1`` (K, d) ``= sum r (x - shift)``, ``S2`` (K, d, d)
-        ``= sum r (x - shift)(x - shift)^T``, ``log_likelihood`` (sum over rows of the
-        log of the mixture density) and ``n``.  Feed it to
-        :func:`pipeline.kernels.gaussian.params_from_stats` for the M-step.
+        ``N`` (K,) ``= sum r``, ``S1`` (K, d) ``= sum r (x - shift)``, ``S2``
+        (full: (K, d, d) ``= sum r (x - shift)(x - shift)^T``; diag and spherical:
+        (K, d) ``sum r (x - shift)^2``; tied: (d, d) over every row, with ``T1``),
+        ``log_likelihood`` (sum over rows of the log of the mixture density) and ``n``.
+        Feed it to :func:`pipeline.kernels.covariances.params_from_stats` for the M-step.
 
     Examples
     --------
@@ -215,26 +226,33 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, shift
     >>> s["N"], s["n"]
     (array([100.]), 100)
     """
+    try:
+        _cv.check_type(covariance_type)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     source = as_rows(X, "X")
     if plan is None:
-        plan = _plan(source, len(weights), memory_budget)
+        plan = _plan(source, len(weights), memory_budget, covariance_type)
     with thread_buffers():
         return _em_pass(source.dask(rows=plan["rows"]), source.zarr, weights, means, precisions_cholesky,
-                        plan, shift=shift, split_every=split_every)
+                        plan, shift=shift, split_every=split_every, covariance_type=covariance_type)
 
 
-def _em_pass(X, store, weights, means, precisions_cholesky, plan, *, shift=None, split_every=None):
+def _em_pass(X, store, weights, means, precisions_cholesky, plan, *, shift=None, split_every=None,
+             covariance_type="full"):
     """One E+M pass over the dask array ``X`` in the plan's blocks; ``store``, the Zarr
     array behind it (its tasks then read their own rows), or None."""
     weights = np.asarray(weights, dtype=np.float64)
     means = np.asarray(means, dtype=np.float64)
     precisions_cholesky = np.asarray(precisions_cholesky, dtype=np.float64)
-    shift = means if shift is None else np.asarray(shift, dtype=np.float64)
+    shift = (_cv.default_shift(covariance_type, weights, means) if shift is None
+             else np.asarray(shift, dtype=np.float64))
     split_every = split_every or _SPLIT_EVERY
-    if plan["component_groups"] > 1:
+    if plan["component_groups"] > 1:  # full only: the planner never splits the others
         return _em_step_grouped(X, weights, means, precisions_cholesky, shift,
                                 plan["component_group"], split_every)
-    graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every, store=store)
+    graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every, store=store,
+                            covariance_type=covariance_type)
     (stats,) = compute(graph, label="EM iteration")
     return stats
 
@@ -266,12 +284,12 @@ def _check_finite(X, name="X"):
         )
 
 
-def _check_init(name, value, shape):
+def _check_init(name, value, shape, why=""):
     if value is None:
         return None
     arr = np.asarray(value, dtype=np.float64)
     if arr.shape != shape:
-        raise InputError(f"{name} has shape {arr.shape} but X and n_components need {shape}; "
+        raise InputError(f"{name} has shape {arr.shape} but X and n_components need {shape}{why}; "
                          f"pass an array of shape {shape}")
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{name} has non-finite values; pass finite numbers")
@@ -358,8 +376,17 @@ def _kmeans(X, n_clusters, rs, max_iter=300, tol=1e-4):
     return centers
 
 
-def _labels_chunk(block, centers):
-    return _km.labels_block_stats(block, centers)
+def _labels_chunk(block, shared):
+    if shared["type"] == "full":
+        return _km.labels_block_stats(block, shared["centers"])
+    labels = _km.sq_distances(block, shared["centers"]).argmin(axis=1)
+    resp = np.zeros((block.shape[0], len(shared["centers"])))
+    resp[np.arange(block.shape[0]), labels] = 1.0
+    return _cv.resp_block_stats(shared["type"], block, resp, shared["shift"])
+
+
+def _scatter_chunk(block, shift):
+    return _cv.scatter_block_stats(block, shift)
 
 
 def _random_resp_chunk(block, shared, start):
@@ -374,39 +401,48 @@ def _random_resp_chunk(block, shared, start):
     skip = first % 4
     resp = np.random.Generator(bitgen).random(skip + block.shape[0] * K)[skip:].reshape(block.shape[0], K)
     resp /= resp.sum(axis=1)[:, None]
-    return _g.resp_block_stats(block, resp, shared["shift"])
+    return _cv.resp_block_stats(shared["type"], block, resp, shared["shift"])
 
 
-def _initial_parameters(X, K, init_params, rs, reg_covar):
+def _initial_parameters(X, K, init_params, rs, reg_covar, covariance_type="full"):
     """weights, means, covariances from scikit-learn's ``init_params`` strategies."""
     n, d = X.shape
+    full = covariance_type == "full"
     if init_params == "kmeans":
         centers = _kmeans(X, K, rs)
-        graph = _reduce_blocks(X, _labels_chunk, _g.combine_stats, centers, "gmm-init")
-        shift = centers
+        shift = centers if full else centers.mean(axis=0)
+        graph = _reduce_blocks(X, _labels_chunk, _cv.combine_stats,
+                               {"type": covariance_type, "centers": centers, "shift": shift}, "gmm-init")
     elif init_params in ("k-means++", "random_from_data"):
         if init_params == "k-means++":
             _, idx = _kmeans_plusplus(X, K, rs)
         else:
             idx = rs.choice(n, size=K, replace=False)
-        # One-hot responsibilities at K rows: only those rows contribute.
+        # One-hot responsibilities at K rows: only those rows contribute ...
         rows = _rows_at(X, idx)
-        stats = _g.resp_block_stats(rows, np.eye(K), rows)
-        return _g.params_from_stats(stats, rows, reg_covar, n_samples=n)
+        shift = rows if full else rows.mean(axis=0)
+        stats = _cv.resp_block_stats(covariance_type, rows, np.eye(K), shift)
+        if covariance_type == "tied":
+            # ... except to scikit-learn's tied covariance, X^T X over every row.
+            (scatter,) = compute(_reduce_blocks(X, _scatter_chunk, _cv.combine_stats, shift, "gmm-init"),
+                                 label="initialising")
+            stats.update(scatter)
+        return _cv.params_from_stats(covariance_type, stats, shift, reg_covar, n_samples=n)
     else:  # random
         # Shift: the overall mean (each component's mean is close to it at the start).
         (mom,) = compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"))
-        shift = np.repeat(mom[1][None, :], K, axis=0)
+        shift = np.repeat(mom[1][None, :], K, axis=0) if full else np.asarray(mom[1], dtype=np.float64)
         key = int(rs.randint(np.iinfo(np.int32).max))
-        graph = _reduce_blocks(X, _random_resp_chunk, _g.combine_stats,
-                               {"K": K, "key": key, "shift": shift}, "gmm-init", offsets=True)
+        graph = _reduce_blocks(X, _random_resp_chunk, _cv.combine_stats,
+                               {"K": K, "key": key, "shift": shift, "type": covariance_type}, "gmm-init",
+                               offsets=True)
     (stats,) = compute(graph, label="initialising")
-    return _g.params_from_stats(stats, shift, reg_covar, n_samples=n)
+    return _cv.params_from_stats(covariance_type, stats, shift, reg_covar, n_samples=n)
 
 
-def _precision_cholesky(covariances):
+def _precision_cholesky(covariance_type, covariances):
     try:
-        return _g.compute_precision_cholesky(covariances)
+        return _cv.precision_cholesky(covariance_type, covariances)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -424,18 +460,19 @@ def _check_random_state(seed):
 # ---------------------------------------------------------------------- estimator
 
 class GaussianMixture(BaseEstimator):
-    """Full-covariance Gaussian mixture fitted by EM, out of core.
+    """Gaussian mixture fitted by EM, out of core, with any of scikit-learn's four covariance types.
 
-    scikit-learn's :class:`sklearn.mixture.GaussianMixture` with
-    ``covariance_type="full"``: the same parameters, fitted attributes and EM path
-    (from the same initial parameters), but X stays where it is (Zarr, dask, a dataset
-    URL, or NumPy) and each iteration is one fused pass over it inside
-    ``memory_budget``.
+    scikit-learn's :class:`sklearn.mixture.GaussianMixture`: the same parameters,
+    fitted attributes and EM path (from the same initial parameters), but X stays
+    where it is (Zarr, dask, a dataset URL, or NumPy) and each iteration is one fused
+    pass over it inside ``memory_budget``.
 
     Parameters
     ----------
     n_components : int, default=1
-    covariance_type : {"full"}, default="full"
+    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+        Each component's own full covariance (K, d, d); one shared by all (d, d);
+        each its own diagonal (K, d); each its own single variance (K,).
     tol : float, default=1e-3
         Convergence threshold on the change of the lower bound.
     reg_covar : float, default=1e-6
@@ -452,7 +489,9 @@ class GaussianMixture(BaseEstimator):
 
     Attributes
     ----------
-    weights_, means_, covariances_, precisions_, precisions_cholesky_ : ndarray
+    weights_, means_ : ndarray
+    covariances_, precisions_, precisions_cholesky_ : ndarray
+        Of the type's shape (see ``covariance_type``).
     converged_ : bool
     n_iter_ : int
     lower_bound_ : float
@@ -496,8 +535,10 @@ class GaussianMixture(BaseEstimator):
         if K > n:
             raise InputError(f"n_components={K} exceeds n_samples={n}; use at most {n} components "
                              "or more data")
-        if self.covariance_type != "full":
-            raise InputError(f"covariance_type={self.covariance_type!r} is not supported; use 'full'")
+        try:
+            _cv.check_type(self.covariance_type)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if self.init_params not in _INIT_PARAMS:
             raise InputError(f"init_params={self.init_params!r}; choose one of {list(_INIT_PARAMS)}")
         for name, lo in (("tol", 0.0), ("reg_covar", 0.0)):
@@ -515,13 +556,12 @@ class GaussianMixture(BaseEstimator):
             if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-8):
                 raise InputError(f"weights_init must sum to 1; got {w.sum():.8g}")
         m = _check_init("means_init", self.means_init, (K, d))
-        p = _check_init("precisions_init", self.precisions_init, (K, d, d))
+        p = _check_init("precisions_init", self.precisions_init, _cv.parameter_shape(self.covariance_type, K, d),
+                        f" for covariance_type={self.covariance_type!r}")
         pc = None
         if p is not None:
-            if not np.allclose(p, p.transpose(0, 2, 1)):
-                raise InputError("precisions_init must hold symmetric matrices")
             try:
-                pc = _g.precision_cholesky_from_precisions(p)
+                pc = _cv.precision_cholesky_from_precisions(self.covariance_type, p)
             except ValueError as e:
                 raise InputError(str(e)) from None
         return w, m, pc
@@ -531,11 +571,11 @@ class GaussianMixture(BaseEstimator):
         K = self.n_components
         cov = None
         if w is None or m is None or pc is None:
-            iw, im, cov = _initial_parameters(X, K, self.init_params, rs, self.reg_covar)
+            iw, im, cov = _initial_parameters(X, K, self.init_params, rs, self.reg_covar, self.covariance_type)
             w = iw if w is None else w
             m = im if m is None else m
             if pc is None:
-                pc = _precision_cholesky(cov)
+                pc = _precision_cholesky(self.covariance_type, cov)
             else:
                 cov = None  # scikit-learn leaves covariances_ to the first M-step
         return {"weights": w, "means": m, "precisions_cholesky": pc, "covariances": cov}
@@ -548,7 +588,13 @@ class GaussianMixture(BaseEstimator):
     def _fit_em(self, X, callback, state):
         source = as_rows(X, "X")
         w, m, pc = self._validate(source)
-        plan = _plan(source, self.n_components, self.memory_budget)
+        cov_type = self.covariance_type
+        if self.warm_start and hasattr(self, "converged_") and state is None:
+            fitted = _cv.parameter_shape(cov_type, self.n_components, source.shape[1])
+            if np.shape(self.precisions_cholesky_) != fitted:
+                raise InputError(f"warm_start: the fitted parameters are of shape {np.shape(self.precisions_cholesky_)}, "
+                                 f"not covariance_type={cov_type!r}'s {fitted}; set warm_start=False to fit afresh")
+        plan = _plan(source, self.n_components, self.memory_budget, cov_type)
         X = source.dask(rows=plan["rows"])
         self.plan_ = plan
         if state is None:
@@ -578,17 +624,17 @@ class GaussianMixture(BaseEstimator):
             for n_iter in range(start + 1, self.max_iter + 1):
                 prev = lower_bound
                 t0 = time.perf_counter()
+                shift = _cv.default_shift(cov_type, params["weights"], params["means"])
                 stats = _em_pass(X, source.zarr, params["weights"], params["means"],
-                                 params["precisions_cholesky"], plan)
+                                 params["precisions_cholesky"], plan, shift=shift, covariance_type=cov_type)
                 lower_bound = _g.mean_log_likelihood(stats)
-                shift = params["means"]
                 # Drop theta_t's (K, d, d) arrays before the M-step allocates theta_{t+1}'s
                 # (the cost model counts three such arrays in the driver).
                 params = None
-                weights, means, cov = _g.params_from_stats(stats, shift, self.reg_covar)
+                weights, means, cov = _cv.params_from_stats(cov_type, stats, shift, self.reg_covar)
                 del stats
                 params = {"weights": weights, "means": means, "covariances": cov,
-                          "precisions_cholesky": _precision_cholesky(cov)}
+                          "precisions_cholesky": _precision_cholesky(cov_type, cov)}
                 history.append(lower_bound)
                 change = lower_bound - prev
                 if self.verbose:
@@ -614,8 +660,7 @@ class GaussianMixture(BaseEstimator):
         self.precisions_cholesky_ = params["precisions_cholesky"]
         if params.get("covariances") is not None:
             self.covariances_ = params["covariances"]
-        P = self.precisions_cholesky_
-        self.precisions_ = P @ P.transpose(0, 2, 1)
+        self.precisions_ = _cv.precisions_from_cholesky(cov_type, self.precisions_cholesky_)
         self.n_iter_ = n_iter
         self.lower_bound_ = lower_bound
         self.lower_bounds_ = history
@@ -649,9 +694,10 @@ class GaussianMixture(BaseEstimator):
         if source.shape[1] != self.means_.shape[1]:
             raise InputError(f"X has {source.shape[1]} features but the model was fitted with "
                              f"{self.means_.shape[1]}")
-        plan = _plan(source, self.n_components, self.memory_budget)
+        plan = _plan(source, self.n_components, self.memory_budget, self.covariance_type)
         Xd = source.dask(rows=plan["rows"])
-        prepared = _g.prepare_parameters(self.weights_, self.means_, self.precisions_cholesky_)
+        prepared = _cv.prepare_parameters(self.covariance_type, self.weights_, self.means_,
+                                          self.precisions_cholesky_)
         shared = dask.delayed(prepared, traverse=False)
         K = self.n_components
         return Xd.map_blocks(_wlp_block, shared, dtype=np.float64, chunks=(Xd.chunks[0], (K,)),
@@ -688,6 +734,97 @@ class GaussianMixture(BaseEstimator):
         return self._finish(X, wlp.map_blocks(_proba_block, dtype=np.float64,
                                                token="pipeline-gmm-proba"))
 
+    # ------------------------------------------------------- model selection
+    def _n_parameters(self):
+        """Free parameters of the fitted model (scikit-learn's count)."""
+        self._check_fitted()
+        return _cv.n_parameters(self.covariance_type, self.n_components, self.means_.shape[1])
+
+    def bic(self, X):
+        """Bayesian information criterion on X: ``-2 n score(X) + p log n`` (lower is better).
+
+        One pass over X (out of core like :meth:`score`).
+        """
+        n = as_rows(X, "X").shape[0]
+        return -2 * self.score(X) * n + self._n_parameters() * np.log(n)
+
+    def aic(self, X):
+        """Akaike information criterion on X: ``-2 n score(X) + 2 p`` (lower is better)."""
+        n = as_rows(X, "X").shape[0]
+        return -2 * self.score(X) * n + 2 * self._n_parameters()
+
+    def sample(self, n_samples=1, *, out=None, overwrite=False):
+        """Draw ``n_samples`` rows from the fitted mixture, as scikit-learn does.
+
+        The draws are scikit-learn's, from the same ``random_state``: one multinomial
+        split over the components, then each component's rows in order
+        (``multivariate_normal`` for full and tied, scaled standard normals for diag
+        and spherical).  With ``out`` they are written to a dataset there piece by
+        piece (``X`` float64 and ``y`` the component), never held whole: the same
+        numbers, for any ``n_samples``.
+
+        Parameters
+        ----------
+        n_samples : int, default=1
+        out : str or Path, optional
+            Dataset URL to write to instead of returning arrays.
+        overwrite : bool, default=False
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features), y : ndarray of shape (n_samples,)
+            Or, with ``out``, the :class:`pipeline.Dataset` written.
+        """
+        self._check_fitted()
+        if not isinstance(n_samples, (int, np.integer)) or isinstance(n_samples, bool) or n_samples < 1:
+            raise InputError(f"n_samples={n_samples!r} must be an integer >= 1")
+        if getattr(self, "covariances_", None) is None:
+            raise InputError("this model has no covariances_ yet (fitted with max_iter=0 from precisions_init); "
+                             "fit at least one iteration before sampling")
+        rs = _check_random_state(self.random_state)
+        counts = rs.multinomial(n_samples, self.weights_)
+        pieces = _sample_pieces(rs, self.covariance_type, self.means_, self.covariances_, counts,
+                                piece_rows=None if out is None else _sample_rows(self.means_.shape[1]))
+        if out is None:
+            parts = list(pieces)
+            return np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        from .store.ingest import write_pieces
+        return write_pieces(out, pieces, n_samples=int(n_samples), n_features=self.means_.shape[1],
+                            overwrite=overwrite,
+                            job=job_fingerprint(sample=int(n_samples), model=_model_token(self)))
+
+
+def _sample_rows(n_features):
+    """Rows per piece of an out-of-core sample: about 32 MiB of float64."""
+    return max(1, 2**25 // (8 * n_features))
+
+
+def _sample_pieces(rs, covariance_type, means, covariances, counts, piece_rows=None):
+    """(X, y) pieces of scikit-learn's ``sample``, in its order, drawing from ``rs``.
+
+    Drawing a component's rows in pieces consumes ``rs``'s stream exactly as one call
+    does (RandomState's normals come in sequence), so the numbers are scikit-learn's.
+    """
+    d = means.shape[1]
+    for k, count in enumerate(int(c) for c in counts):
+        step = count if piece_rows is None else piece_rows
+        for r0 in range(0, count, max(step, 1)):
+            m = min(step, count - r0)
+            if covariance_type in ("full", "tied"):
+                cov = covariances[k] if covariance_type == "full" else covariances
+                X = rs.multivariate_normal(means[k], cov, m)
+            else:
+                X = means[k] + rs.standard_normal(size=(m, d)) * np.sqrt(covariances[k])
+            yield X.astype(np.float64, copy=False), np.full(m, k, dtype=np.int64)
+        if count == 0 and piece_rows is None:
+            yield np.empty((0, d)), np.empty(0, dtype=np.int64)
+
+
+def _model_token(gm):
+    from dask.base import tokenize
+
+    return tokenize(gm.covariance_type, gm.weights_, gm.means_, gm.covariances_, gm.random_state)
+
 
 def _is_lazy_input(X):
     # NumPy-like inputs get NumPy results (scikit-learn semantics); dask arrays, Zarr
@@ -702,7 +839,7 @@ def _is_lazy_input(X):
 
 def _wlp_block(block, prepared):
     # Entries that cannot matter are -inf: every use below goes through exp(a - max).
-    return _g.weighted_log_prob_sparse(block, prepared)
+    return _cv.weighted_log_prob(block, prepared, sparse=True)
 
 
 def _lse_block(wlp):
@@ -716,12 +853,11 @@ def _proba_block(wlp):
 
 # -------------------------------------------------------------------- stored jobs
 
-def _save_model(group, params, n_iter, lower_bound, history, converged, job):
+def _save_model(group, params, n_iter, lower_bound, history, converged, job, covariance_type):
     K, d = params["means"].shape
     cov = params.get("covariances")
     if cov is None:
-        P = params["precisions_cholesky"]
-        cov = np.linalg.inv(P @ P.transpose(0, 2, 1))
+        cov = _cv.covariances_from_cholesky(covariance_type, params["precisions_cholesky"])
     for name, value in (("weights", params["weights"]), ("means", params["means"]),
                         ("covariances", cov), ("precisions_cholesky", params["precisions_cholesky"])):
         value = np.asarray(value, dtype=np.float64)
@@ -732,12 +868,12 @@ def _save_model(group, params, n_iter, lower_bound, history, converged, job):
     meta = dict(group.attrs["pipeline"])
     meta.update(n_iter=int(n_iter), lower_bound=float(lower_bound) if np.isfinite(lower_bound) else None,
                 history=[float(h) for h in history], converged=bool(converged),
-                n_components=int(K), n_features=int(d), job=job)
+                n_components=int(K), n_features=int(d), covariance_type=covariance_type, job=job)
     group.attrs["pipeline"] = meta
 
 
-def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg_covar=1e-6,
-                 init_params="kmeans", random_state=0, memory_budget=None, overwrite=False,
+def fit_to_store(data, model_url, *, n_components=1, covariance_type="full", max_iter=100, tol=1e-3,
+                 reg_covar=1e-6, init_params="kmeans", random_state=0, memory_budget=None, overwrite=False,
                  verbose=0, on_iteration=None):
     """Fit a mixture on a stored dataset, saving the model after every iteration.
 
@@ -751,7 +887,7 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
         Dataset URL (or any X :func:`em_step` accepts).
     model_url : str or Path
         Where the model group goes (``kind: gmm``).
-    n_components, max_iter, tol, reg_covar, init_params, random_state
+    n_components, covariance_type, max_iter, tol, reg_covar, init_params, random_state
         As :class:`GaussianMixture`.
     memory_budget : int or str, optional
     overwrite : bool
@@ -774,16 +910,22 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
     """
     t0 = time.perf_counter()
     source = as_rows(data, "X")
+    # The type joins the fingerprint only when it is not "full": full models written
+    # before there were other types keep their identity (and resume).
+    kind = {} if covariance_type == "full" else {"covariance_type": covariance_type}
     job = job_fingerprint(data=source.identity(), n_components=n_components, max_iter=max_iter,
                           tol=tol, reg_covar=reg_covar, init_params=init_params,
-                          random_state=random_state)
-    gm = GaussianMixture(n_components=n_components, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
-                         init_params=init_params, random_state=random_state,
-                         memory_budget=memory_budget, verbose=verbose)
+                          random_state=random_state, **kind)
+    gm = GaussianMixture(n_components=n_components, covariance_type=covariance_type, tol=tol,
+                         reg_covar=reg_covar, max_iter=max_iter, init_params=init_params,
+                         random_state=random_state, memory_budget=memory_budget, verbose=verbose)
     # Bad input and impossible budgets fail before anything is written at model_url.
     gm._validate(source)
-    _plan(source, n_components, memory_budget)
-    with ResultWriter(model_url, "gmm", job, overwrite=overwrite, resume=True) as result:
+    _plan(source, n_components, memory_budget, covariance_type)
+    if not overwrite:
+        _check_stored_type(model_url, covariance_type)
+    with ResultWriter(model_url, "gmm", job, overwrite=overwrite, resume=True,
+                      attrs={"covariance_type": covariance_type}) as result:
         if result.status == "complete":
             meta = result.attrs
             return {"model": str(model_url), "status": "already complete (same job); nothing to do",
@@ -801,7 +943,8 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
             name = f"_iter{n_iter % 2}"
             if name not in group:
                 group.create_group(name)
-            _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job)
+            _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job,
+                        covariance_type)
             if on_iteration is not None:
                 on_iteration(n_iter)
 
@@ -810,7 +953,8 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
             gm._fit(source, callback=save, state=state)
         final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
                  "precisions_cholesky": gm.precisions_cholesky_}
-        _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job)
+        _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job,
+                    covariance_type)
         for name in ("_iter0", "_iter1"):
             if name in group:
                 del group[name]
@@ -823,6 +967,16 @@ def fit_to_store(data, model_url, *, n_components=1, max_iter=100, tol=1e-3, reg
             "n_iter": int(gm.n_iter_), "converged": bool(gm.converged_),
             "lower_bound": float(gm.lower_bound_), "rows_per_block": gm.plan_["rows"],
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _check_stored_type(model_url, covariance_type):
+    """Refuse, naming both, to fit one covariance type into a model store of another."""
+    meta = existing(model_url)
+    if meta and meta.get("kind") == "gmm":
+        stored = meta.get("covariance_type", "full")
+        if stored != covariance_type:
+            raise InputError(f"{model_url} holds a covariance_type={stored!r} model; this fit is "
+                             f"covariance_type={covariance_type!r}: pass --overwrite or another MODEL")
 
 
 def _checkpoint_state(result):
@@ -886,13 +1040,20 @@ def load_model(model_url, memory_budget=None):
     """
     g = open_result(model_url, kind="gmm")
     meta = dict(g.attrs["pipeline"])
-    gm = GaussianMixture(n_components=int(meta["n_components"]), memory_budget=memory_budget)
+    cov_type = meta.get("covariance_type", "full")  # models of before the other types are full
+    K, d = int(meta["n_components"]), int(meta["n_features"])
+    gm = GaussianMixture(n_components=K, covariance_type=cov_type, memory_budget=memory_budget)
     gm.weights_ = g["weights"][...]
     gm.means_ = g["means"][...]
     gm.covariances_ = g["covariances"][...]
     gm.precisions_cholesky_ = g["precisions_cholesky"][...]
-    P = gm.precisions_cholesky_
-    gm.precisions_ = P @ P.transpose(0, 2, 1)
+    want = _cv.parameter_shape(cov_type, K, d)
+    for name in ("covariances", "precisions_cholesky"):
+        if getattr(gm, name + "_").shape != want:
+            raise InputError(f"{model_url}: {name} has shape {getattr(gm, name + '_').shape}, but a "
+                             f"covariance_type={cov_type!r} model of {K} components and {d} features has {want}; "
+                             "the store is damaged or not a pipeline model: fit it again")
+    gm.precisions_ = _cv.precisions_from_cholesky(cov_type, gm.precisions_cholesky_)
     gm.converged_ = bool(meta.get("converged"))
     gm.n_iter_ = int(meta.get("n_iter", 0))
     gm.lower_bound_ = meta.get("lower_bound")

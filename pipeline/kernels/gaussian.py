@@ -42,6 +42,7 @@ __all__ = [
     "estimate_log_gaussian_prob",
     "weighted_log_prob",
     "logsumexp_rows",
+    "normalise_rows",
     "em_block_stats",
     "resp_block_stats",
     "weighted_log_prob_sparse",
@@ -623,7 +624,7 @@ def logsumexp_rows(a):
         return np.log(tmp.sum(axis=1)) + amax
 
 
-def _normalise_rows(logp):
+def normalise_rows(logp):
     """Turn log-probabilities into responsibilities in place; return their log-sum-exp.
 
     ``exp(a - lse) = exp(a - max) / sum(exp(a - max))``: one exponential pass instead
@@ -777,7 +778,7 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
             parts = ((Xb[s0:s0 + step], weighted_log_prob(Xb[s0:s0 + step], prepared, buf=gemm_buf))
                      for s0 in range(0, Xb.shape[0], step))
         for Xs, logp in parts:
-            lse = _normalise_rows(logp)
+            lse = normalise_rows(logp)
             stats = resp_block_stats(Xs, logp, prepared["shift"], out=stats, buf=rows_buf)
             stats["log_likelihood"] += float(lse.sum())
     return stats

@@ -14,9 +14,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..inputs import as_labels, as_rows
-from .datasets import chunk_rows_for, dataset_attrs, open_dataset, write_group
+from .datasets import chunk_rows_for, choose_compressors, dataset_attrs, open_dataset, write_group
+from .results import ResultWriter
 
-__all__ = ["write_dataset", "ingest"]
+__all__ = ["write_dataset", "write_pieces", "ingest"]
 
 
 def write_dataset(url, X, y=None, chunk_rows=None, overwrite=False, compressor="auto",
@@ -71,6 +72,55 @@ def write_dataset(url, X, y=None, chunk_rows=None, overwrite=False, compressor="
                 raise InputError(f"labels y must be integers, got {yv.dtype}")
         arrays["y"] = (da.from_array(yv, chunks=rows), None)
     write_group(url, arrays, dataset_attrs(X, "write_dataset"), "write", overwrite, compressor, job=job)
+    return open_dataset(url)
+
+
+def write_pieces(url, pieces, *, n_samples, n_features, overwrite=False, chunk_rows=None, job=None,
+                 source="sample"):
+    """Write a stream of ``(X, y)`` row pieces of any sizes as a float64 dataset with labels.
+
+    The pieces are gathered into whole chunks (one chunk of rows in memory at a time)
+    and written in order; the dataset is marked complete only after the last, and a
+    stream that does not add up to ``n_samples`` rows leaves it incomplete (an error).
+
+    Returns
+    -------
+    Dataset
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> parts = [(np.ones((2, 3)), np.zeros(2, int)), (np.zeros((1, 3)), np.ones(1, int))]
+    >>> write_pieces("memory://doc/pieces", iter(parts), n_samples=3, n_features=3).y.compute().tolist()
+    [0, 0, 1]
+    """
+    n, d = int(n_samples), int(n_features)
+    rows = chunk_rows_for(n, d * 8, chunk_rows, None)
+    attrs = {**dataset_attrs(np.empty((0, d)), source), "n_samples": n, "every_chunk_stored": True}
+    with ResultWriter(url, "dataset", job, overwrite=overwrite, attrs=attrs) as out:
+        if out.status != "complete":
+            bx, by = np.empty((rows, d)), np.empty(rows, dtype=np.int64)
+            X = y = None
+            filled = start = 0  # rows in the chunk buffer; rows written before it
+            for px, py in pieces:
+                i = 0
+                while i < len(px):
+                    take = min(rows - filled, len(px) - i)
+                    if start + filled + take > n:
+                        raise InputError(f"the pieces hold more than n_samples={n} rows")
+                    bx[filled:filled + take], by[filled:filled + take] = px[i:i + take], py[i:i + take]
+                    filled, i = filled + take, i + take
+                    if filled == rows or start + filled == n:
+                        if X is None:  # the codec is chosen on the first chunk
+                            X = out.array("X", (n, d), (rows, d), np.float64,
+                                          compressors=choose_compressors(bx[:filled], "auto"))
+                            y = out.array("y", (n,), (rows,), np.int64)
+                        X[start:start + filled] = bx[:filled]
+                        y[start:start + filled] = by[:filled]
+                        start, filled = start + filled, 0
+            if start != n:
+                raise InputError(f"the pieces held {start + filled} rows, not n_samples={n}")
+            out.complete()
     return open_dataset(url)
 
 
