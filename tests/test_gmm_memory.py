@@ -79,3 +79,23 @@ def test_memory_flat_in_n(tmp_path, big):
     print(f"em_step peak above idle: n=200k +{g_small / MiB:.1f} MiB, n=800k +{g_big / MiB:.1f} MiB")
     assert g_big <= parse_budget("48MiB")
     assert abs(g_big - g_small) < 16 * MiB
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "tied"])
+def test_other_covariance_types_inside_budget(big, tmp_path, cov_type):
+    budget = "48MiB"
+    p = plan("gmm", n_samples=800_000, n_features=32, n_components=8, itemsize=8, covariance_type=cov_type,
+             memory_budget=budget, threads=os.cpu_count())
+    assert p.peak <= parse_budget(budget)
+    grew, out = _peak_above_idle(f"""
+        from pipeline import mixture
+        s = mixture.fit_to_store({big!r}, {str(tmp_path / 'm.zarr')!r}, n_components=8, max_iter=3,
+                                 covariance_type={cov_type!r}, tol=0.0, init_params="random_from_data",
+                                 random_state=0, memory_budget={budget!r})
+        assert s["n_iter"] == 3, s
+        mixture.predict_to_store({str(tmp_path / 'm.zarr')!r}, {big!r}, {str(tmp_path / 'p.zarr')!r},
+                                 memory_budget={budget!r})
+    """)
+    print(f"GMM {cov_type} fit+predict over 195 MiB with a {budget} budget: +{grew / MiB:.1f} MiB "
+          f"(plan predicted {p.peak / MiB:.1f} MiB)")
+    assert grew <= parse_budget(budget), f"grew by {grew / MiB:.1f} MiB"

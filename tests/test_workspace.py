@@ -297,3 +297,35 @@ def test_em_grouped_task(task, dtype):
     table.append(("sufficient statistics (stats_bytes)", _g.stats_bytes(group, d)))
     check(measured, table, what=f"grouped EM task {task}, {rows} x {d}, group {group} of K={K}, "
                                 f"{np.dtype(dtype)}")
+
+
+@pytest.mark.parametrize("cov_type", ["tied", "diag", "spherical"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_em_block_other_covariance_types(cov_type, dtype):
+    """One block of the fused pass for tied/diag/spherical (4096 rows, d=256, K=64), two in a row.
+
+    Their slices convert float32 while shifting (no float64 copy of the block), and
+    the formula charges one ``Z`` slice, the (slice, K) responsibilities and the
+    moments' GEMM output.
+    """
+    from pipeline.kernels import covariances as _cv
+
+    rows, d, K = 4096, 256, 64
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((rows, d)) * 3.0 + 50.0).astype(dtype)
+    means = X[rng.choice(rows, K, replace=False)].astype(np.float64)
+    cov = {"tied": np.eye(d) * 9.0, "diag": np.full((K, d), 9.0), "spherical": np.full(K, 9.0)}[cov_type]
+    prepared = _cv.prepare_parameters(cov_type, np.full(K, 1.0 / K), means, _cv.precision_cholesky(cov_type, cov))
+
+    def two_blocks():
+        work = {}
+        stats = _cv.em_block_stats(X, prepared, work=work)
+        del stats
+        return _cv.em_block_stats(X, prepared, work=work)
+
+    measured, stats = traced_peak(two_blocks)
+    assert stats["n"] == rows
+    itemsize = np.dtype(dtype).itemsize
+    table = workspace_rows(_cv.em_workspace(cov_type, rows, K, n_features=d, n_components=K, itemsize=itemsize))
+    table.append(("sufficient statistics (stats_bytes)", _cv.stats_bytes(cov_type, K, d)))
+    check(measured, table, what=f"{cov_type} em_block_stats {rows} x {d}, K={K}, {np.dtype(dtype)}")
