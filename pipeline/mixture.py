@@ -1,7 +1,8 @@
 """Gaussian-mixture EM out of core: one fused E+M pass over X per iteration.
 
-Graph builder and faces over the NumPy kernels in :mod:`pipeline.kernels.gaussian`
-and :mod:`pipeline.kernels.kmeans`:
+Graph builder and faces over the NumPy kernels in :mod:`pipeline.kernels.covariances`
+(the four covariance types; full is :mod:`pipeline.kernels.gaussian`) and
+:mod:`pipeline.kernels.kmeans`:
 
 * :func:`em_step` builds one graph per iteration: a task per row block computes the
   block's E-step and M-step sufficient statistics (``em_block_stats``), a tree of
@@ -275,6 +276,29 @@ def _check_finite(X, name="X"):
         return
     (res,) = compute(_reduce_blocks(X, _check_finite_chunk, _combine_finite, None, "gmm-check",
                                      offsets=True, split_every=16), label="checking X")
+    _raise_non_finite(res, name)
+
+
+def _checked_moments_chunk(block, _shared, start):
+    return {"moments": _km.moments_block(block), "finite": _check_finite_chunk(block, None, start)}
+
+
+def _combine_checked_moments(parts):
+    parts = list(parts)
+    return {"moments": _km.combine_moments([p["moments"] for p in parts]),
+            "finite": _combine_finite([p["finite"] for p in parts])}
+
+
+def _checked_moments(X, name="X"):
+    """X's moments (:func:`pipeline.kernels.kmeans.moments_block`), checking that X is finite
+    in the same read: the initialisations that need the moments need no separate check."""
+    (res,) = compute(_reduce_blocks(X, _checked_moments_chunk, _combine_checked_moments, None,
+                                     "kmeans-moments", offsets=True), label="k-means")
+    _raise_non_finite(res["finite"], name)
+    return res["moments"]
+
+
+def _raise_non_finite(res, name):
     if res["count"]:
         rows = ", ".join(str(r) for r in res["first"])
         more = " ..." if res["count"] > len(res["first"]) else ""
@@ -356,14 +380,9 @@ def _lloyd_chunk(block, shared):
     return _km.lloyd_block_stats(block, shared["centers"], shared["n_far"])
 
 
-def _moments_chunk(block, _shared):
-    return _km.moments_block(block)
-
-
 def _kmeans(X, n_clusters, rs, max_iter=300, tol=1e-4):
     """Lloyd's k-means from k-means++ seeds, as ``KMeans(n_init=1)`` in scikit-learn."""
-    (mom,) = compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"),
-                      label="k-means")
+    mom = _checked_moments(X)
     tol = float(np.mean(mom[2] / mom[0])) * tol
     centers, _ = _kmeans_plusplus(X, n_clusters, rs)
     for _ in range(max_iter):
@@ -430,7 +449,7 @@ def _initial_parameters(X, K, init_params, rs, reg_covar, covariance_type="full"
         return _cv.params_from_stats(covariance_type, stats, shift, reg_covar, n_samples=n)
     else:  # random
         # Shift: the overall mean (each component's mean is close to it at the start).
-        (mom,) = compute(_reduce_blocks(X, _moments_chunk, _km.combine_moments, None, "kmeans-moments"))
+        mom = _checked_moments(X)
         shift = np.repeat(mom[1][None, :], K, axis=0) if full else np.asarray(mom[1], dtype=np.float64)
         key = int(rs.randint(np.iinfo(np.int32).max))
         graph = _reduce_blocks(X, _random_resp_chunk, _cv.combine_stats,
@@ -597,7 +616,10 @@ class GaussianMixture(BaseEstimator):
         plan = _plan(source, self.n_components, self.memory_budget, cov_type)
         X = source.dask(rows=plan["rows"])
         self.plan_ = plan
-        if state is None:
+        # The kmeans and random starts read X's moments first, checking it on the way;
+        # the others (and a start from given parameters) check it in a pass of its own.
+        folded = self.init_params in ("kmeans", "random") and not (w is not None and m is not None and pc is not None)
+        if state is None and not (folded and not (self.warm_start and hasattr(self, "converged_"))):
             _check_finite(X)
         rs = _check_random_state(self.random_state)
         do_init = state is None and not (self.warm_start and hasattr(self, "converged_"))
@@ -789,9 +811,12 @@ class GaussianMixture(BaseEstimator):
             parts = list(pieces)
             return np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         from .store.ingest import write_pieces
+
+        # A seeded draw is a job (rerun: already complete); an unseeded one is new each time.
+        seeded = isinstance(self.random_state, (int, np.integer))
+        job = job_fingerprint(sample=int(n_samples), model=_model_token(self)) if seeded else None
         return write_pieces(out, pieces, n_samples=int(n_samples), n_features=self.means_.shape[1],
-                            overwrite=overwrite,
-                            job=job_fingerprint(sample=int(n_samples), model=_model_token(self)))
+                            overwrite=overwrite, job=job)
 
 
 def _sample_rows(n_features):
@@ -816,8 +841,6 @@ def _sample_pieces(rs, covariance_type, means, covariances, counts, piece_rows=N
             else:
                 X = means[k] + rs.standard_normal(size=(m, d)) * np.sqrt(covariances[k])
             yield X.astype(np.float64, copy=False), np.full(m, k, dtype=np.int64)
-        if count == 0 and piece_rows is None:
-            yield np.empty((0, d)), np.empty(0, dtype=np.int64)
 
 
 def _model_token(gm):

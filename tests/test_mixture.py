@@ -59,7 +59,7 @@ def fixed_plan(monkeypatch):
     """Force block rows / component groups regardless of the budget."""
 
     def use(rows, group=None):
-        def fake(X, K, memory_budget, source=None):
+        def fake(X, K, memory_budget, covariance_type="full"):
             grp = group or K
             return Plan("gmm", 2**30, 2, {"rows": rows, "component_group": grp,
                                            "component_groups": -(-K // grp)})

@@ -51,6 +51,7 @@ __all__ = [
     "log_det_cholesky",
     "n_parameters",
     "default_shift",
+    "slice_rows",
     "prepare_parameters",
     "weighted_log_prob",
     "em_block_stats",
