@@ -217,12 +217,19 @@ def cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_
     else:
         cov = _cv.parameter_bytes(covariance_type, K, d)
         # Factors, covariances, the shared key's GEMM operand (2d x K, or P and its
-        # (d, K) product), and theta_{t+1}'s at the M-step, beside the means.
-        items = [CostItem("parameters (driver)", 4 * cov + 8 * K * d * 8, 1,
+        # (d, K) product), and theta_{t+1}'s at the M-step, beside the means; tied's
+        # M-step also holds the summed d x d scatter and one d x d temporary at a time,
+        # and its Cholesky an identity and the solve's output.
+        copies = 7 if covariance_type == "tied" else 4
+        items = [CostItem("parameters (driver)", copies * cov + 8 * K * d * 8, 1,
                           f"{covariance_type}: factors, covariances, shared key / M-step")]
     if grouped:
         items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 2, "persisted between a group's passes"))
     items.append(CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"))
+    # predict / score / the kmeans and random starts make (block, K) arrays per block:
+    # log-probabilities and a consumer's (responsibilities, distances, one-hot rows).
+    items.append(CostItem("block x K arrays (predict, init)", rows * K * 8, 2 * threads,
+                          "log-probabilities and their consumer's output"))
     items += _items(_cv.em_workspace(covariance_type, rows, group, n_features=d, n_components=K,
                                      itemsize=itemsize, grouped=grouped), threads)
     items += [
@@ -382,10 +389,10 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     # group before the rows, the rows only when one component alone does not fit.
     target = min(n, 1024)
     # Only full covariances are split into component groups: the others' parameters
-    # and statistics are K x d, not K x d x d.
+    # and statistics are K x d (tied: one d x d), not K x d x d.
     smallest = 1 if covariance_type == "full" else K
     group = _largest(lambda g: peak(target, g) <= budget, smallest, K)
-    if group is None and smallest > 1:
+    if group is None and covariance_type != "full":
         if peak(1, K) > budget:
             _too_small("gmm", budget, peak(1, K), f"one row with all {K} components ({covariance_type})")
         group = K

@@ -232,8 +232,17 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covar
     except ValueError as e:
         raise InputError(str(e)) from None
     source = as_rows(X, "X")
+    K, d = len(weights), source.shape[1]
+    for name, value, shape in (("means", means, (K, d)),
+                               ("precisions_cholesky", precisions_cholesky,
+                                _cv.parameter_shape(covariance_type, K, d))):
+        if np.shape(value) != shape:
+            raise InputError(f"{name} has shape {np.shape(value)} but {K} weights, {d} features and "
+                             f"covariance_type={covariance_type!r} need {shape}")
     if plan is None:
-        plan = _plan(source, len(weights), memory_budget, covariance_type)
+        plan = _plan(source, K, memory_budget, covariance_type)
+    elif plan["component_groups"] > 1 and covariance_type != "full":
+        raise InputError("plans with component groups are for covariance_type='full' only")
     with thread_buffers():
         return _em_pass(source.dask(rows=plan["rows"]), source.zarr, weights, means, precisions_cholesky,
                         plan, shift=shift, split_every=split_every, covariance_type=covariance_type)
@@ -293,7 +302,7 @@ def _checked_moments(X, name="X"):
     """X's moments (:func:`pipeline.kernels.kmeans.moments_block`), checking that X is finite
     in the same read: the initialisations that need the moments need no separate check."""
     (res,) = compute(_reduce_blocks(X, _checked_moments_chunk, _combine_checked_moments, None,
-                                     "kmeans-moments", offsets=True), label="k-means")
+                                     "kmeans-moments", offsets=True), label="checking X, moments")
     _raise_non_finite(res["finite"], name)
     return res["moments"]
 
@@ -608,21 +617,23 @@ class GaussianMixture(BaseEstimator):
         source = as_rows(X, "X")
         w, m, pc = self._validate(source)
         cov_type = self.covariance_type
-        if self.warm_start and hasattr(self, "converged_") and state is None:
-            fitted = _cv.parameter_shape(cov_type, self.n_components, source.shape[1])
-            if np.shape(self.precisions_cholesky_) != fitted:
-                raise InputError(f"warm_start: the fitted parameters are of shape {np.shape(self.precisions_cholesky_)}, "
-                                 f"not covariance_type={cov_type!r}'s {fitted}; set warm_start=False to fit afresh")
+        do_init = state is None and not (self.warm_start and hasattr(self, "converged_"))
+        if state is None and not do_init:
+            fitted = getattr(self, "_fitted_covariance_type", "full")
+            if fitted != cov_type or np.shape(self.means_) != (self.n_components, source.shape[1]):
+                raise InputError(f"warm_start: the fitted model is covariance_type={fitted!r} with means of shape "
+                                 f"{np.shape(self.means_)}, not covariance_type={cov_type!r} with "
+                                 f"{(self.n_components, source.shape[1])}; set warm_start=False to fit afresh")
         plan = _plan(source, self.n_components, self.memory_budget, cov_type)
         X = source.dask(rows=plan["rows"])
         self.plan_ = plan
         # The kmeans and random starts read X's moments first, checking it on the way;
         # the others (and a start from given parameters) check it in a pass of its own.
-        folded = self.init_params in ("kmeans", "random") and not (w is not None and m is not None and pc is not None)
-        if state is None and not (folded and not (self.warm_start and hasattr(self, "converged_"))):
+        folded = (do_init and self.init_params in ("kmeans", "random")
+                  and not (w is not None and m is not None and pc is not None))
+        if state is None and not folded:
             _check_finite(X)
         rs = _check_random_state(self.random_state)
-        do_init = state is None and not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
         best = None
         for init in range(n_init):
@@ -680,9 +691,11 @@ class GaussianMixture(BaseEstimator):
         self.weights_ = params["weights"]
         self.means_ = params["means"]
         self.precisions_cholesky_ = params["precisions_cholesky"]
-        if params.get("covariances") is not None:
-            self.covariances_ = params["covariances"]
+        # No M-step yet (max_iter=0 from precisions_init): the covariances the factors stand for.
+        cov = params.get("covariances")
+        self.covariances_ = _cv.covariances_from_cholesky(cov_type, self.precisions_cholesky_) if cov is None else cov
         self.precisions_ = _cv.precisions_from_cholesky(cov_type, self.precisions_cholesky_)
+        self._fitted_covariance_type = cov_type
         self.n_iter_ = n_iter
         self.lower_bound_ = lower_bound
         self.lower_bounds_ = history
@@ -999,7 +1012,8 @@ def _check_stored_type(model_url, covariance_type):
         stored = meta.get("covariance_type", "full")
         if stored != covariance_type:
             raise InputError(f"{model_url} holds a covariance_type={stored!r} model; this fit is "
-                             f"covariance_type={covariance_type!r}: pass --overwrite or another MODEL")
+                             f"covariance_type={covariance_type!r}: overwrite it (--overwrite, overwrite=True) "
+                             "or write to another model store")
 
 
 def _checkpoint_state(result):
@@ -1077,6 +1091,7 @@ def load_model(model_url, memory_budget=None):
                              f"covariance_type={cov_type!r} model of {K} components and {d} features has {want}; "
                              "the store is damaged or not a pipeline model: fit it again")
     gm.precisions_ = _cv.precisions_from_cholesky(cov_type, gm.precisions_cholesky_)
+    gm._fitted_covariance_type = cov_type
     gm.converged_ = bool(meta.get("converged"))
     gm.n_iter_ = int(meta.get("n_iter", 0))
     gm.lower_bound_ = meta.get("lower_bound")

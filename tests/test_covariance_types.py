@@ -136,18 +136,42 @@ def test_tied_one_hot_start_uses_every_row_as_sklearn_does():
 @pytest.mark.parametrize("cov_type", ["diag", "spherical", "tied"])
 def test_float32_far_from_origin_gives_true_variances(cov_type):
     # scikit-learn#30382: float32 data far from the origin, E[x^2] - E[x]^2 in float32
-    # cancels to garbage or below zero.  Statistics here are float64 around a shift.
+    # cancels to garbage or below zero.  Statistics here are float64 around one shift
+    # (the weighted mean of the means), which is neither cluster's mean.
     rng = np.random.default_rng(1)
-    X = (1e4 + 1e-2 * rng.standard_normal((5000, 3))).astype(np.float32)
-    gm = pl.GaussianMixture(1, covariance_type=cov_type, reg_covar=0.0, max_iter=2, tol=0.0,
-                            memory_budget="64MiB")
+    A = 1e4 + 0.05 * rng.standard_normal((3000, 3))
+    B = 1e4 + 1.0 + 0.02 * rng.standard_normal((2000, 3))
+    X = np.vstack([A, B]).astype(np.float32)
+    X64, labels = X.astype(np.float64), np.repeat([0, 1], [3000, 2000])
+    means = np.array([X64[labels == k].mean(axis=0) for k in (0, 1)])
+    gm = pl.GaussianMixture(2, covariance_type=cov_type, reg_covar=0.0, max_iter=2, tol=0.0,
+                            means_init=means, memory_budget="64MiB")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm.fit(X)
-    var = X.astype(np.float64).var(axis=0)
-    got = {"diag": lambda c: c[0], "spherical": lambda c: np.full(3, c[0]), "tied": np.diag}[cov_type](gm.covariances_)
-    want = var if cov_type != "spherical" else np.full(3, var.mean())
+    var = np.array([X64[labels == k].var(axis=0) for k in (0, 1)])  # separated: hard responsibilities
+    want = {"diag": var, "spherical": var.mean(axis=1),
+            "tied": np.diag(sum(np.cov(X64[labels == k].T, bias=True) * (labels == k).sum()
+                                for k in (0, 1)) / len(X))}[cov_type]
+    got = np.diag(gm.covariances_) if cov_type == "tied" else gm.covariances_
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "spherical"])
+def test_one_hot_start_far_from_origin_as_sklearn(cov_type):
+    # scikit-learn's diag variance sum r x^2 / nk - m^2 holds m^2 (nk - N) / nk besides
+    # sum r (x - m)^2 / nk (nk = N + 10 eps): ~20% of reg_covar at |x| ~ 1e4 for the
+    # one-hot starts; its own rounding there is ~2%.
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 4)) + 1e4
+    idx = np.array([3, 100, 200])
+    resp = np.zeros((300, 3))
+    resp[idx, np.arange(3)] = 1
+    _, _, cov = skg._estimate_gaussian_parameters(X, resp, 1e-6, cov_type)
+    shift = X[idx].mean(axis=0)
+    _, _, ours = cv.params_from_stats(cov_type, cv.resp_block_stats(cov_type, X[idx], np.eye(3), shift), shift,
+                                      1e-6, n_samples=300)
+    np.testing.assert_allclose(ours, cov, rtol=0.05)
 
 
 # ------------------------------------------------------------------ EM paths
@@ -286,6 +310,81 @@ def test_sample_is_sklearns(cov_type, tmp_path):
     assert ds.X.shape == (1000, 4)
 
 
+def test_sample_to_store_in_small_pieces_and_chunks(tmp_path, monkeypatch):
+    X = load_iris().data
+    for cov_type in TYPES:
+        ref, ours = _fit_both(X, 3, cov_type, max_iter=3, tol=0.0, random_state=5)
+        want_X, want_y = ours.sample(500)
+        monkeypatch.setattr(mixture, "_sample_rows", lambda d: 7)  # 7-row pieces ...
+        from pipeline.store import ingest
+        real = ingest.chunk_rows_for
+        monkeypatch.setattr(ingest, "chunk_rows_for", lambda n, b, c, m: 64)  # ... into 64-row chunks
+        url = str(tmp_path / f"{cov_type}.zarr")
+        ds = ours.sample(500, out=url)
+        monkeypatch.setattr(ingest, "chunk_rows_for", real)
+        assert zarr.open_group(url, mode="r")["X"].chunks == (64, 4)
+        np.testing.assert_allclose(ds.X.compute(), want_X, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(ds.y.compute(), want_y)
+        # Seeded: the same draw again is already there; unseeded: a new draw, refused over it.
+        assert ours.sample(500, out=url).X.shape == (500, 4)
+        ours.random_state = None
+        with pytest.raises(InputError, match="overwrite"):
+            ours.sample(500, out=url)
+
+
+def test_write_pieces_checks_the_row_count(tmp_path):
+    from pipeline.store.ingest import write_pieces
+
+    parts = [(np.ones((3, 2)), np.zeros(3, int))]
+    with pytest.raises(InputError, match="n_samples=4"):
+        write_pieces(str(tmp_path / "a.zarr"), iter(parts), n_samples=4, n_features=2)
+    from pipeline.store.results import existing
+
+    assert existing(str(tmp_path / "a.zarr"))["complete"] is False  # never looks complete
+    with pytest.raises(InputError):
+        pl.open_dataset(str(tmp_path / "a.zarr"))
+    with pytest.raises(InputError, match="more than n_samples=2"):
+        write_pieces(str(tmp_path / "b.zarr"), iter(parts), n_samples=2, n_features=2)
+
+
+@pytest.mark.parametrize("cov_type", ["tied", "diag", "spherical"])
+def test_warm_start_n_init_and_max_iter_zero(cov_type):
+    X = load_wine().data
+    init = _start(X, 3, cov_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # warm_start: two fits of 5 iterations continue as one of 10 (scikit-learn's too).
+        ref = SkGaussianMixture(3, covariance_type=cov_type, max_iter=5, tol=0.0, warm_start=True, **init)
+        ours = pl.GaussianMixture(3, covariance_type=cov_type, max_iter=5, tol=0.0, warm_start=True,
+                                  memory_budget="64MiB", **init)
+        ref.fit(X).fit(X)
+        ours.fit(X).fit(X)
+        _assert_same(ref, ours)
+        # Another type on the fitted model: refused, naming both.
+        ours.set_params(covariance_type="full", precisions_init=None)
+        with pytest.raises(InputError, match=f"'{cov_type}'"):
+            ours.fit(X)
+        # n_init: the best of several starts, as scikit-learn picks it.
+        kw = dict(covariance_type=cov_type, n_init=3, init_params="random_from_data", random_state=2,
+                  max_iter=10, tol=0.0)
+        a, b = pl.GaussianMixture(3, memory_budget="64MiB", **kw).fit(X), SkGaussianMixture(3, **kw).fit(X)
+        np.testing.assert_allclose(a.lower_bound_, b.lower_bound_, rtol=1e-6)
+        # max_iter=0 from precisions_init: the covariances the given precisions stand for.
+        z = pl.GaussianMixture(3, covariance_type=cov_type, max_iter=0, memory_budget="64MiB", **init).fit(X)
+    np.testing.assert_allclose(cv.precisions_from_cholesky(cov_type, z.precisions_cholesky_),
+                               init["precisions_init"], rtol=1e-10)
+    prec = init["precisions_init"]
+    np.testing.assert_allclose(z.covariances_, np.linalg.inv(prec) if cov_type == "tied" else 1 / prec, rtol=1e-10)
+
+
+def test_em_step_checks_parameter_shapes():
+    X = load_iris().data
+    with pytest.raises(InputError, match=r"precisions_cholesky has shape \(2, 4, 4\).*'diag' need \(2, 4\)"):
+        pl.em_step(X, np.ones(2) / 2, X[:2], np.array([np.eye(4)] * 2), covariance_type="diag")
+    s = pl.em_step(X, np.ones(2) / 2, X[:2], np.ones((2, 4)), covariance_type="diag", memory_budget="64MiB")
+    assert s["S2"].shape == (2, 4) and s["n"] == 150
+
+
 def test_sample_in_pieces_is_the_same_stream():
     gm = pl.GaussianMixture(2, covariance_type="full", random_state=3)
     gm.weights_, gm.means_ = np.array([0.3, 0.7]), np.array([[0.0, 0.0], [5.0, 5.0]])
@@ -332,6 +431,25 @@ def test_plans_do_not_split_components_unless_full():
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pipeline", *args, "--no-progress"],
                           capture_output=True, text=True, timeout=300)
+
+
+def test_legacy_full_model_and_damaged_stores(tmp_path):
+    X = _synthetic()
+    data = str(tmp_path / "d.zarr")
+    pl.write_dataset(data, X, chunk_rows=256)
+    model = str(tmp_path / "m.zarr")
+    mixture.fit_to_store(data, model, n_components=2, max_iter=3, memory_budget="64MiB")
+    g = zarr.open_group(model, mode="r+")
+    meta = dict(g.attrs["pipeline"])
+    assert meta.pop("covariance_type") == "full"
+    g.attrs["pipeline"] = meta  # as written before there were other types
+    assert mixture.load_model(model).covariance_type == "full"
+    with pytest.raises(InputError, match="'full'.*'diag'"):
+        mixture.fit_to_store(data, model, n_components=2, covariance_type="diag", max_iter=3)
+    meta["covariance_type"] = "diag"  # a full model's arrays labelled diag
+    g.attrs["pipeline"] = meta
+    with pytest.raises(InputError, match=r"covariances has shape \(2, 5, 5\).*\(2, 5\)"):
+        mixture.load_model(model)
 
 
 def test_cli_fit_predict_and_type_checks(tmp_path):

@@ -18,7 +18,10 @@ taken around one shift ``c`` (d,) — the weighted mean of the current means, cl
 to the data's mean — so the GEMM expansions ``|y - m|^2 = |y|^2 - 2 y.m + |m|^2`` and
 the M-step's ``E[(x - c)^2] - (m - c)^2`` do not cancel catastrophically when the
 data sit far from the origin, and every statistic is accumulated in float64 (float32
-input cannot give negative variances, scikit-learn#30382).  One buffer
+data far from the origin keep their variances, where scikit-learn's float32
+``E[x^2] - E[x]^2`` can go negative, scikit-learn#30382).  One shift serves all
+components: a component whose distance from ``c`` is ~1e8 times its spread still
+loses digits (full's per-component shifts do not).  One buffer
 ``Z = [X - c, (X - c)^2]`` per slice is both the E-step's GEMM operand and the
 M-step's: ``R^T Z`` gives the first and second moments of every component at once.
 
@@ -340,8 +343,7 @@ def weighted_log_prob(X, prepared, *, sparse=False):
 # -------------------------------------------------------------------- M-step
 
 def _zero_stats(covariance_type, K, d):
-    if covariance_type == "full":
-        return {"N": np.zeros(K), "S1": np.zeros((K, d)), "S2": np.zeros((K, d, d)), "log_likelihood": 0.0, "n": 0}
+    """Empty statistics of a tied, diag or spherical pass (the module docstring's)."""
     stats = {"N": np.zeros(K), "S1": np.zeros((K, d)), "log_likelihood": 0.0, "n": 0}
     if covariance_type == "tied":
         stats.update(S2=np.zeros((d, d)), T1=np.zeros(d))
@@ -391,8 +393,7 @@ def em_block_stats(X, prepared, *, work=None):
     (array([2.]), array([[0.]]), array([[2.]]))
     """
     if prepared["type"] == "full":
-        stats = _g.em_block_stats(X, prepared=prepared, work=work)
-        return stats
+        return _g.em_block_stats(X, prepared=prepared, work=work)
     work = {} if work is None else work
     n = X.shape[0]
     K, d = prepared["n_components"], prepared["n_features"]
@@ -493,13 +494,23 @@ def params_from_stats(covariance_type, stats, shift, reg_covar, *, n_samples=Non
     delta = (S1 + (N - nk)[:, None] * c) / nk[:, None]  # m - c, with sum r x = S1 + N c
     means = c + delta
     if covariance_type == "tied":
+        # In place: d x d temporaries one at a time (S2 is the size of the parameters).
         u = stats["T1"] - nk @ delta
-        cov = stats["S2"] - (delta.T * nk) @ delta
-        cov += np.outer(c, u) + np.outer(u, c) + (stats["n"] - nk.sum()) * np.outer(c, c)
+        cov = np.array(stats["S2"], dtype=np.float64, copy=True)
+        cov -= (delta.T * nk) @ delta
+        # c u^T + u c^T + (n - sum nk) c c^T  ==  c v^T + v c^T  with  v = u + (n - sum nk) c / 2.
+        v = u + 0.5 * (stats["n"] - nk.sum()) * c
+        cov += np.outer(c, v)
+        cov += np.outer(v, c)
         cov /= nk.sum()
         cov[np.diag_indices_from(cov)] += reg_covar
     else:
-        cov = (stats["S2"] - 2 * delta * S1 + N[:, None] * delta * delta) / nk[:, None] + reg_covar
+        # sum r (x - m)^2 / nk, plus the m^2 (nk - N) / nk that scikit-learn's
+        # sum r x^2 / nk - m^2 holds besides it (nk = N + 10 eps: it matters for
+        # one-hot starts and emptied components, whose variance is then ~reg_covar).
+        cov = (stats["S2"] - 2 * delta * S1 + N[:, None] * delta * delta) / nk[:, None]
+        cov += means * means * ((nk - N) / nk)[:, None]
+        cov += reg_covar
         if covariance_type == "spherical":
             cov = cov.mean(axis=1)
     weights = nk / (nk.sum() if n_samples is None else n_samples)
