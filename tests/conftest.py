@@ -106,6 +106,19 @@ def dask_cluster():
         cluster.close()
 
 
+def row_chunks(sizes, n):
+    """Row chunks of ``n`` rows from drawn ``sizes``: each size in turn, the rest last."""
+    chunks, left = [], n
+    for s in sizes:
+        if left == 0:
+            break
+        chunks.append(min(s, left))
+        left -= chunks[-1]
+    if left:
+        chunks.append(left)
+    return tuple(chunks)
+
+
 def run_measured(code, *, setup="", imports="import pipeline, numpy, dask.array, zarr", timeout=600):
     """Run ``code`` in a fresh Python; return (peak RSS above idle in bytes, stdout).
 

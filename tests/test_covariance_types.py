@@ -20,6 +20,7 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from sklearn.mixture import _gaussian_mixture as skg
 
 import pipeline as pl
+from conftest import row_chunks
 from pipeline import mixture, runtime
 from pipeline.budget import plan
 from pipeline.cli import COVARIANCE_TYPES as CLI_TYPES
@@ -232,15 +233,7 @@ def test_em_step_independent_of_chunking(data):
     init = _start(X, 3, cov_type, seed=4)
     pc = cv.precision_cholesky_from_precisions(cov_type, init["precisions_init"])
     sizes = data.draw(st.lists(st.integers(1, 60), min_size=1, max_size=12))
-    chunks, left = [], len(X)
-    for s in sizes:
-        if left == 0:
-            break
-        chunks.append(min(s, left))
-        left -= chunks[-1]
-    if left:
-        chunks.append(left)
-    Xd = da.from_array(X, chunks=(tuple(chunks), X.shape[1]))
+    Xd = da.from_array(X, chunks=(row_chunks(sizes, len(X)), X.shape[1]))
     shift = cv.default_shift(cov_type, init["weights_init"], init["means_init"])
     graph = mixture._em_stats_graph(Xd, init["weights_init"], init["means_init"], pc, shift, None,
                                     data.draw(st.integers(2, 9)), covariance_type=cov_type)

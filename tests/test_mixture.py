@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits, load_iris, load_wine
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pipeline as pl
+from conftest import row_chunks
 from pipeline import runtime
 from pipeline import mixture
 from pipeline.budget import Plan
@@ -393,15 +394,7 @@ def test_em_step_independent_of_chunking(data):
     init = _start(X, 3, 4)
     P = g.precision_cholesky_from_precisions(init["precisions_init"])
     sizes = data.draw(st.lists(st.integers(1, 60), min_size=1, max_size=12))
-    chunks, left = [], len(X)
-    for s in sizes:
-        if left == 0:
-            break
-        chunks.append(min(s, left))
-        left -= chunks[-1]
-    if left:
-        chunks.append(left)
-    Xd = da.from_array(X, chunks=(tuple(chunks), X.shape[1]))
+    Xd = da.from_array(X, chunks=(row_chunks(sizes, len(X)), X.shape[1]))
     split_every = data.draw(st.integers(2, 9))
     graph = mixture._em_stats_graph(Xd, init["weights_init"], init["means_init"], P, init["means_init"],
                                     None, split_every)

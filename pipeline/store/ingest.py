@@ -83,6 +83,20 @@ def write_pieces(url, pieces, *, n_samples, n_features, overwrite=False, chunk_r
     and written in order; the dataset is marked complete only after the last, and a
     stream that does not add up to ``n_samples`` rows leaves it incomplete (an error).
 
+    Parameters
+    ----------
+    url : str or Path
+    pieces : iterable of (ndarray (m, n_features), ndarray (m,) int)
+    n_samples, n_features : int
+        The dataset's shape (known before the first piece).
+    overwrite : bool
+    chunk_rows : int, optional
+        Rows per chunk; default about 8 MiB a chunk.
+    job : str, optional
+        The writing job's fingerprint: the same job's complete dataset is kept.
+    source : str
+        Provenance recorded in the attributes.
+
     Returns
     -------
     Dataset
