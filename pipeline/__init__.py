@@ -13,7 +13,7 @@ Examples
 
 from .budget import Plan, parse_budget, plan
 from .distances import pairwise_distances
-from .errors import BudgetError, DataError, InputError, PipelineError
+from .errors import BudgetError, DataError, InputError, NotFittedError, PipelineError
 from .jobs import run_job
 from .mixture import GaussianMixture, em_step
 from .neighbors import KNeighborsClassifier, kneighbors
@@ -27,6 +27,6 @@ __all__ = [
     "plan", "Plan", "parse_budget",
     "pairwise_distances", "kneighbors", "KNeighborsClassifier",
     "GaussianMixture", "em_step",
-    "PipelineError", "InputError", "BudgetError", "DataError",
+    "PipelineError", "InputError", "BudgetError", "DataError", "NotFittedError",
     "run_job",
 ]

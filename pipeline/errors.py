@@ -2,7 +2,16 @@
 
 The CLI maps :class:`InputError` to exit status 2 (bad input or usage) and every
 other :class:`PipelineError` to exit status 1 (a failure while running).
+
+Where scikit-learn has a class for the same event (``NotFittedError``,
+``ConvergenceWarning``), what ``pipeline`` raises or warns is also an instance of
+scikit-learn's class whenever scikit-learn is imported in the process
+(:func:`sklearn_flavoured`), so users' ``except`` clauses and warning filters work;
+``import pipeline`` itself never loads scikit-learn.
 """
+
+import functools
+import sys
 
 
 class PipelineError(Exception):
@@ -19,3 +28,28 @@ class BudgetError(InputError):
 
 class DataError(PipelineError):
     """A store that cannot be read: a corrupt or missing chunk, an incomplete result."""
+
+
+class NotFittedError(InputError, AttributeError):
+    """An estimator used before ``fit``: a ``ValueError`` and an ``AttributeError``, as scikit-learn's."""
+
+
+@functools.cache
+def _joint(cls, other):
+    return type(cls.__name__, (cls, other), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def sklearn_flavoured(cls, sklearn_name):
+    """``cls``, or a subclass of it and of ``sklearn.exceptions.<sklearn_name>`` if scikit-learn is loaded.
+
+    Only a process that imported scikit-learn can catch or filter scikit-learn's class,
+    so scikit-learn is never imported here.
+
+    Examples
+    --------
+    >>> sklearn_flavoured(NotFittedError, "NotFittedError").__mro__[0].__name__
+    'NotFittedError'
+    """
+    module = sys.modules.get("sklearn.exceptions")
+    other = getattr(module, sklearn_name, None) if module is not None else None
+    return cls if other is None else _joint(cls, other)

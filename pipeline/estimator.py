@@ -2,6 +2,9 @@
 
 The constructor stores its arguments unchanged; ``get_params``/``set_params`` read and
 write them by the constructor's signature, so ``sklearn.base.clone`` works.
+``__sklearn_tags__`` builds scikit-learn's tags when scikit-learn asks for them (it
+is imported then, never by ``import pipeline``), so ``Pipeline``, ``GridSearchCV`` and
+``cross_val_score`` know what each estimator is.
 """
 
 from __future__ import annotations
@@ -16,7 +19,25 @@ __all__ = ["BaseEstimator"]
 
 
 class BaseEstimator:
-    """Parameters by the constructor's signature; a repr of the ones changed."""
+    """Parameters by the constructor's signature; a repr of the ones changed; scikit-learn's tags.
+
+    Subclasses name their kind in ``_estimator_type`` (scikit-learn's
+    ``"classifier"``, ``"regressor"``, ``"DensityEstimator"``) and whether ``fit``
+    needs ``y`` in ``_requires_y``.
+    """
+
+    _estimator_type = None
+    _requires_y = False
+
+    def __sklearn_tags__(self):
+        """scikit-learn's :class:`sklearn.utils.Tags` for this estimator (scikit-learn >= 1.6)."""
+        from sklearn.utils import ClassifierTags, InputTags, RegressorTags, Tags, TargetTags
+
+        kind = self._estimator_type
+        return Tags(estimator_type=kind, target_tags=TargetTags(required=self._requires_y),
+                    classifier_tags=ClassifierTags() if kind == "classifier" else None,
+                    regressor_tags=RegressorTags() if kind == "regressor" else None,
+                    input_tags=InputTags())
 
     @classmethod
     def _get_param_names(cls):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .budget import plan
-from .errors import InputError, PipelineError
+from .errors import InputError, NotFittedError, sklearn_flavoured
 from .estimator import BaseEstimator
 from .inputs import as_rows
 from .kernels import covariances as _cv
@@ -49,7 +49,11 @@ _SPLIT_EVERY = 4  # the cost model's tree width (budget.cost_gmm)
 
 
 class ConvergenceWarning(UserWarning):
-    """EM stopped at ``max_iter`` before the lower bound changed by less than ``tol``."""
+    """EM stopped at ``max_iter`` before the lower bound changed by less than ``tol``.
+
+    Also scikit-learn's ``ConvergenceWarning`` when scikit-learn is imported
+    (:func:`pipeline.errors.sklearn_flavoured`): its filters apply.
+    """
 
 
 # ---------------------------------------------------------------------------- graphs
@@ -535,6 +539,8 @@ class GaussianMixture(BaseEstimator):
     array([-5.,  5.])
     """
 
+    _estimator_type = "DensityEstimator"
+
     def __init__(self, n_components=1, covariance_type="full", tol=1e-3, reg_covar=1e-6,
                  max_iter=100, n_init=1, init_params="kmeans", weights_init=None, means_init=None,
                  precisions_init=None, random_state=None, warm_start=False, verbose=0,
@@ -687,7 +693,7 @@ class GaussianMixture(BaseEstimator):
         if not converged and self.max_iter > 0:
             warnings.warn("Best performing initialization did not converge. Try different init "
                           "parameters, or increase max_iter, tol, or check for degenerate data.",
-                          ConvergenceWarning, stacklevel=4)
+                          sklearn_flavoured(ConvergenceWarning, "ConvergenceWarning"), stacklevel=4)
         self.weights_ = params["weights"]
         self.means_ = params["means"]
         self.precisions_cholesky_ = params["precisions_cholesky"]
@@ -718,7 +724,8 @@ class GaussianMixture(BaseEstimator):
     # --------------------------------------------------------------- prediction
     def _check_fitted(self):
         if not hasattr(self, "precisions_cholesky_"):
-            raise PipelineError("This GaussianMixture instance is not fitted yet; call fit first")
+            raise sklearn_flavoured(NotFittedError, "NotFittedError")(
+                "This GaussianMixture instance is not fitted yet; call fit first")
 
     def _weighted_log_prob_lazy(self, X):
         """Lazy (n, K) weighted log-probabilities, one task per row block."""

@@ -39,7 +39,7 @@ import uuid
 import numpy as np
 
 from .budget import align_rows, cost_knn, parse_budget, plan
-from .errors import InputError
+from .errors import InputError, NotFittedError, sklearn_flavoured
 from .estimator import BaseEstimator
 from .inputs import as_labels, as_rows, check_same_features, rows_of
 from .kernels import topk as _topk
@@ -482,6 +482,9 @@ class KNeighborsClassifier(BaseEstimator):
     [0, 1]
     """
 
+    _estimator_type = "classifier"
+    _requires_y = True
+
     def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None):
         self.n_neighbors = n_neighbors
         self.weights = weights
@@ -526,7 +529,8 @@ class KNeighborsClassifier(BaseEstimator):
 
     def _check_fitted(self):
         if not hasattr(self, "classes_"):
-            raise InputError("this KNeighborsClassifier is not fitted yet; call fit(X, y) first")
+            raise sklearn_flavoured(NotFittedError, "NotFittedError")(
+                "This KNeighborsClassifier instance is not fitted yet; call fit(X, y) first")
 
     def kneighbors(self, X, n_neighbors=None, return_distance=True):
         """Exact neighbours of ``X`` in the training set (see :func:`kneighbors`)."""
