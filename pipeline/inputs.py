@@ -65,22 +65,34 @@ class RowSource:
         elif dask.is_dask_collection(data):
             self.kind = "dask"
         else:
+            if type(data).__module__.startswith("scipy.sparse"):
+                # scikit-learn's wording, so that its checks and users recognise it.
+                raise InputError(f"{name} is a sparse matrix: sparse input is not supported, dense data is "
+                                 "required; use X.toarray() if it fits in memory")
             try:
                 data = np.asarray(data)
+                if data.dtype == object:  # numbers held as objects (lists of Python numbers, pandas)
+                    data = data.astype(np.float64)
             except Exception as e:  # noqa: BLE001 - anything unconvertible is bad input
-                raise InputError(f"{name} cannot be read as an array: {e}") from None
+                raise InputError(f"{name} cannot be read as an array of numbers: {e}") from None
             self.kind = "numpy"
         if data.ndim != 2:
-            raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {data.shape}")
+            hint = (" Reshape your data either using array.reshape(-1, 1) if it has a single feature or "
+                    "array.reshape(1, -1) if it contains a single sample.") if data.ndim == 1 else ""
+            raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {data.shape}.{hint}")
         if any(math.isnan(n) for n in data.shape):
             raise InputError(f"{name} has unknown chunk sizes (shape {data.shape}); call "
                              "compute_chunk_sizes() on the dask array first")
+        if np.issubdtype(data.dtype, np.complexfloating):
+            raise InputError(f"{name} has dtype {data.dtype}: Complex data not supported; pass real numbers")
         if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
             raise InputError(f"{name} must be numeric, got dtype {data.dtype}")
         hi = data.shape[0] if hi is None else hi
         if hi - lo == 0 or data.shape[1] == 0:
-            raise InputError(f"{name} is empty (shape {(hi - lo, data.shape[1])}); it needs at least one row "
-                             "and one feature")
+            shape = (hi - lo, data.shape[1])
+            what = (f"0 feature(s) (shape={shape}) while a minimum of 1 is required" if data.shape[1] == 0
+                    else f"0 sample(s) (shape={shape}) while a minimum of 1 is required")
+            raise InputError(f"{name} is empty: {what}; it needs at least one row and one feature")
         self.data, self.name, self.lo, self.hi, self.dataset = data, name, int(lo), int(hi), dataset
         self.shape = (self.hi - self.lo, int(data.shape[1]))
         self.dtype = np.dtype(data.dtype)

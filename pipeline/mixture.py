@@ -734,8 +734,9 @@ class GaussianMixture(BaseEstimator):
         self._check_fitted()
         source = as_rows(X, "X")
         if source.shape[1] != self.means_.shape[1]:
-            raise InputError(f"X has {source.shape[1]} features but the model was fitted with "
-                             f"{self.means_.shape[1]}")
+            raise InputError(f"X has {source.shape[1]} features, but GaussianMixture is expecting "
+                             f"{self.means_.shape[1]} features as input (the model was fitted with "
+                             f"{self.means_.shape[1]})")
         plan = _plan(source, self.n_components, self.memory_budget, self.covariance_type)
         Xd = source.dask(rows=plan["rows"])
         prepared = _cv.prepare_parameters(self.covariance_type, self.weights_, self.means_,

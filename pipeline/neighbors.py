@@ -517,7 +517,8 @@ class KNeighborsClassifier(BaseEstimator):
             y = Xd.dataset
         if y is None:
             raise InputError(
-                "KNeighborsClassifier.fit needs training labels: pass y, or a dataset that holds labels 'y'"
+                "KNeighborsClassifier requires y to be passed, but the target y is None: pass the training "
+                "labels, or a dataset that holds labels 'y'"
             )
         labels = as_labels(y, Xd.shape[0])
         _check_k(self.n_neighbors, Xd.shape[0])
@@ -535,6 +536,10 @@ class KNeighborsClassifier(BaseEstimator):
     def kneighbors(self, X, n_neighbors=None, return_distance=True):
         """Exact neighbours of ``X`` in the training set (see :func:`kneighbors`)."""
         self._check_fitted()
+        source = as_rows(X, "X")
+        if source.shape[1] != self.n_features_in_:
+            raise InputError(f"X has {source.shape[1]} features, but KNeighborsClassifier is expecting "
+                             f"{self.n_features_in_} features as input (as in fit)")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         return kneighbors(X, self._fit_X, k, memory_budget=self.memory_budget,
                           return_distance=return_distance)

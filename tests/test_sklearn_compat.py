@@ -91,3 +91,28 @@ def test_import_pipeline_does_not_load_sklearn():
     code = "import sys, pipeline; print(any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# What scikit-learn's check_estimator still fails (issue 14 is not done): NaN/inf
+# checks in fit and predict of in-memory input, object arrays of non-numbers raising
+# TypeError, and the classifier's target checks (continuous, 2-D, inf y; 1 sample).
+# Any other failing check is a regression.
+KNOWN_FAILING = {
+    "KNeighborsClassifier": {"check_classifiers_regression_target", "check_dtype_object",
+                             "check_estimators_nan_inf", "check_fit2d_1sample", "check_supervised_y_2d",
+                             "check_supervised_y_no_nan"},
+    "GaussianMixture": {"check_dtype_object", "check_estimators_nan_inf"},
+}
+
+
+@pytest.mark.parametrize("est", [pl.KNeighborsClassifier(), pl.GaussianMixture()], ids=lambda e: type(e).__name__)
+def test_check_estimator_fails_no_more_than_known(est):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(est, on_fail=None)
+    failed = {r["check_name"] for r in results if r["status"] == "failed"}
+    passed = {r["check_name"] for r in results if r["status"] == "passed"}
+    assert len(passed) >= 35
+    assert failed <= KNOWN_FAILING[type(est).__name__], failed - KNOWN_FAILING[type(est).__name__]
