@@ -16,7 +16,8 @@ from .distances import pairwise_distances
 from .errors import BudgetError, DataError, InputError, NotFittedError, PipelineError
 from .jobs import run_job
 from .mixture import GaussianMixture, em_step
-from .neighbors import KNeighborsClassifier, kneighbors
+from .neighbors import (KNeighborsClassifier, KNeighborsRegressor, NearestNeighbors, kneighbors, load_graph,
+                        radius_neighbors)
 from .store import Dataset, make_blobs, make_cifar_like, open_dataset
 from .store.ingest import ingest, write_dataset
 
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Dataset", "open_dataset", "write_dataset", "ingest", "make_blobs", "make_cifar_like",
     "plan", "Plan", "parse_budget",
-    "pairwise_distances", "kneighbors", "KNeighborsClassifier",
+    "pairwise_distances", "kneighbors", "radius_neighbors", "load_graph",
+    "NearestNeighbors", "KNeighborsClassifier", "KNeighborsRegressor",
     "GaussianMixture", "em_step",
     "PipelineError", "InputError", "BudgetError", "DataError", "NotFittedError",
     "run_job",

@@ -17,6 +17,10 @@ from .errors import InputError, PipelineError
 
 #: kernels.covariances.COVARIANCE_TYPES, spelled out: parsing arguments imports no NumPy.
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+#: kernels.distances.METRICS, spelled out likewise.
+METRICS = ("euclidean", "sqeuclidean", "cosine", "ip", "manhattan")
+_METRIC_HELP = ("euclidean (default), sqeuclidean, cosine (1 - cos; a zero row is at 1 from every row), ip (inner "
+                "products, largest first) or manhattan (L1)")
 
 __all__ = ["main"]
 
@@ -129,7 +133,7 @@ def build_parser():
     d.add_argument("query", metavar="QUERY")
     d.add_argument("train", metavar="TRAIN")
     d.add_argument("out", metavar="OUT")
-    d.add_argument("--metric", choices=["euclidean", "sqeuclidean"], default="euclidean")
+    d.add_argument("--metric", choices=METRICS, default="euclidean", help=_METRIC_HELP)
     _common(d)
 
     k = sub.add_parser("knn", help="exact k nearest neighbours (and their vote)")
@@ -138,6 +142,10 @@ def build_parser():
     k.add_argument("out", metavar="OUT")
     k.add_argument("--k", type=_int, default=5)
     k.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
+    k.add_argument("--metric", choices=METRICS, default="euclidean", help=_METRIC_HELP)
+    k.add_argument("--graph", choices=["connectivity", "distance"], default=None,
+                   help="also write the k-NN graph in CSR form (graph_data, graph_indices, graph_indptr; "
+                        "pl.load_graph reads it): entries 1, or the distances")
     k.add_argument("--piece-rows", type=_positive_int, default=None,
                    help="queries per resumable piece (each reads TRAIN once; at most the plan's query block); "
                         "default: at least 2048, at most 8 pieces")
@@ -305,7 +313,7 @@ def _run_distances(a):
 def _run_knn(a):
     from .neighbors import write_knn
 
-    _print_summary(write_knn(a.query, a.train, a.out, k=a.k, weights=a.weights,
+    _print_summary(write_knn(a.query, a.train, a.out, k=a.k, weights=a.weights, metric=a.metric, graph=a.graph,
                              memory_budget=a.memory_budget, overwrite=a.overwrite, piece_rows=a.piece_rows))
 
 

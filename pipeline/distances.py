@@ -14,16 +14,16 @@ import numpy as np
 
 from .budget import align_rows, plan
 from .errors import InputError
-from .inputs import as_rows, check_same_features
+from .inputs import as_rows, check_metric, check_same_features
 from .kernels import distances as _kd
 from .kernels import topk as _topk
 from .runtime import compute, source_key
 from .store.reads import read_block
 from .store.results import ResultWriter, content_identity, job_fingerprint
 
-__all__ = ["pairwise_distances", "write_distances"]
+__all__ = ["pairwise_distances", "write_distances", "METRICS"]
 
-_METRICS = ("euclidean", "sqeuclidean")
+METRICS = _kd.METRICS
 _PRECISIONS = ("auto", "exact")
 
 
@@ -32,8 +32,11 @@ def _block(x, y, shift, start_x, start_y, *, metric, upcast):
     x, shift = x[0], shift[0]
     y = y.pop()  # this task's own reference: the block read is freed once centred
     dtype = _kd.working_dtype(np.result_type(x.dtype, y.dtype), upcast)
-    xc = _kd.as_block(x, dtype, shift)
-    yc = _kd.as_block(y, dtype, shift)
+    # Only distances are translation invariant: inner products see the data as stored.
+    centre = shift if metric in ("euclidean", "sqeuclidean") else None
+    xc = _kd.as_block(x, dtype, centre)
+    yc = _kd.as_block(y, dtype, centre)
+    own = (xc is not x, yc is not y)  # copies this task may scale in place
     del y
     xn, yn = _kd.row_norms_sq(xc), _kd.row_norms_sq(yc)
     for norms, start, what in ((xn, start_x, "X (the query set)"), (yn, start_y, "Y (the training set)")):
@@ -42,6 +45,12 @@ def _block(x, y, shift, start_x, start_y, *, metric, upcast):
             rows = ", ".join(str(int(start[0]) + int(i)) for i in bad[:10])
             raise InputError(f"{what} has NaN or infinite values (or values too large to square) in "
                              f"row(s) {rows}{' and more' if bad.size > 10 else ''}; remove or impute those rows")
+    if metric == "cosine":
+        return _kd.cosine(_kd.unit_rows(xc, inplace=own[0]), _kd.unit_rows(yc, inplace=own[1]), unit=True)
+    if metric == "ip":
+        return _kd.inner_product(xc, yc)
+    if metric == "manhattan":
+        return _kd.manhattan(xc, yc)
     D = _kd.sq_euclidean(xc, yc, xn, yn)
     return np.sqrt(D, out=D) if metric == "euclidean" else D
 
@@ -77,8 +86,7 @@ def _shift(Yd, src, prefix):
 
 
 def _parse(metric, precision):
-    if metric not in _METRICS:
-        raise InputError(f"metric={metric!r}; choose one of {', '.join(_METRICS)}")
+    check_metric(metric)
     if precision not in _PRECISIONS:
         raise InputError(f"precision={precision!r}; choose 'auto' (data's dtype, centred) or 'exact' (float64)")
     return precision == "exact"
@@ -88,15 +96,19 @@ def pairwise_distances(X, Y, metric="euclidean", memory_budget=None, *, precisio
                        query_rows=None, train_rows=None):
     """Distances between the rows of ``X`` and ``Y`` as a lazy dask array.
 
-    Each block is one GEMM on data centred on a shift (the mean of the first
-    training rows), so float32 data far from the origin keep float32 accuracy.
+    Each block is one GEMM; Euclidean blocks are centred on a shift (the mean of the
+    first training rows), so float32 data far from the origin keep float32 accuracy.
 
     Parameters
     ----------
     X : array-like of shape (n_x, n_features)
         NumPy, dask or Zarr array, Dataset or dataset URL.
     Y : array-like of shape (n_y, n_features)
-    metric : {"euclidean", "sqeuclidean"}
+    metric : {"euclidean", "sqeuclidean", "cosine", "ip", "manhattan"}
+        ``"cosine"``: ``1 - cos(x, y)`` clipped to [0, 2], a zero row at distance 1
+        from every row (scikit-learn's ``cosine_distances``); ``"ip"``: the inner
+        products ``x . y`` themselves (larger is nearer); ``"manhattan"``: L1, by
+        exact float64 differences (SciPy's ``cdist``; float64 output).
     memory_budget : int or str, optional
         Bytes above the idle process for computing it block by block.
     precision : {"auto", "exact"}
@@ -129,6 +141,7 @@ def pairwise_distances(X, Y, metric="euclidean", memory_budget=None, *, precisio
     upcast = _parse(metric, precision)
     X, Y = as_rows(X, "X"), as_rows(Y, "Y")
     check_same_features(X, Y)
+    upcast = upcast or metric == "manhattan"  # L1 by exact float64 differences
     dtype = _kd.working_dtype(np.result_type(X.dtype, Y.dtype), upcast)
     if query_rows is None or train_rows is None:
         p = plan("distances", n_x=X.shape[0], n_y=Y.shape[0], n_features=X.shape[1],

@@ -21,7 +21,8 @@ from .store.datasets import Dataset, open_dataset
 from .store.reads import check_safe, read_block, take_rows
 from .store.results import content_identity
 
-__all__ = ["RowSource", "as_rows", "as_labels", "rows_of", "check_same_features"]
+__all__ = ["RowSource", "as_rows", "as_labels", "as_targets", "rows_of", "check_same_features",
+           "check_metric"]
 
 
 class RowSource:
@@ -230,3 +231,31 @@ def as_labels(y, n, name="y"):
     if y.ndim != 1 or y.shape[0] != n:
         raise InputError(f"{name} has shape {y.shape}; expected ({n},), one label per row of X")
     return y
+
+
+def as_targets(y, n, name="y"):
+    """Regression targets as a float64 array of shape (n,) or (n, n_outputs), held in memory.
+
+    ``y`` is an array-like or a dask array; its values must be finite numbers.
+    """
+    import dask
+
+    if dask.is_dask_collection(y):
+        y = y.compute()
+    try:
+        y = np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must hold numbers (regression targets)") from None
+    if y.ndim not in (1, 2) or y.shape[0] != n:
+        raise InputError(f"{name} has shape {y.shape}; expected ({n},) or ({n}, n_outputs), one row per row of X")
+    if not np.isfinite(y).all():
+        raise InputError(f"Input {name} contains NaN or infinity; remove or impute those targets")
+    return y
+
+
+def check_metric(metric):
+    """Raise :class:`InputError` unless ``metric`` is one of :data:`pipeline.kernels.distances.METRICS`."""
+    from .kernels.distances import METRICS
+
+    if metric not in METRICS:
+        raise InputError(f"metric={metric!r} is not supported; use one of {', '.join(METRICS)}")

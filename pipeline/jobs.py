@@ -21,6 +21,7 @@ import time
 
 from .errors import InputError, PipelineError
 from .kernels.covariances import COVARIANCE_TYPES
+from .kernels.distances import METRICS
 from .runtime import connect, parse_scheduler
 from .sizes import parse_budget
 from .store import results
@@ -49,13 +50,14 @@ STEPS = {
     },
     "distances": {
         "query": ("required " + _PATH, None), "train": ("required " + _PATH, None),
-        "out": ("required " + _PATH, None), "metric": (("euclidean", "sqeuclidean"), "euclidean"),
+        "out": ("required " + _PATH, None), "metric": (METRICS, "euclidean"),
         "overwrite": (_BOOL, None),
     },
     "knn": {
         "query": ("required " + _PATH, None), "train": ("required " + _PATH, None),
         "out": ("required " + _PATH, None), "k": (_POS_INT, 5),
-        "weights": (("uniform", "distance"), "uniform"), "overwrite": (_BOOL, None),
+        "weights": (("uniform", "distance"), "uniform"), "metric": (METRICS, "euclidean"),
+        "graph": (("connectivity", "distance"), None), "overwrite": (_BOOL, None),
     },
     "gmm-fit": {
         "data": ("required " + _PATH, None), "model": ("required " + _PATH, None),
@@ -327,7 +329,8 @@ def _run_step(name, opts, budget, echo):
         from .neighbors import write_knn
 
         return write_knn(opts["query"], opts["train"], opts["out"], k=opts["k"], weights=opts["weights"],
-                         memory_budget=budget, overwrite=opts["overwrite"])
+                         metric=opts["metric"], graph=opts["graph"], memory_budget=budget,
+                         overwrite=opts["overwrite"])
     from . import mixture
 
     if name == "gmm-fit":

@@ -41,12 +41,13 @@ import numpy as np
 from .budget import align_rows, cost_knn, parse_budget, plan
 from .errors import InputError, NotFittedError, sklearn_flavoured
 from .estimator import BaseEstimator
-from .inputs import as_labels, as_rows, check_same_features, rows_of
+from .inputs import as_labels, as_rows, as_targets, check_metric, check_same_features, rows_of
 from .kernels import topk as _topk
 from .runtime import compute, dask_threads, delayed_of, reduce_tree, thread_buffers, thread_work
 from .store.results import ResultWriter, job_fingerprint
 
-__all__ = ["kneighbors", "KNeighborsClassifier", "write_knn"]
+__all__ = ["kneighbors", "radius_neighbors", "NearestNeighbors", "KNeighborsClassifier", "KNeighborsRegressor",
+           "write_knn", "load_graph"]
 
 _SPLIT_EVERY = 8  # tree width of the merge (budget.cost_knn counts these partials)
 
@@ -63,7 +64,7 @@ def _check_k(k, n_train, name="n_neighbors"):
     return int(k)
 
 
-def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
+def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None, metric="euclidean"):
     """Open both sets, validate them and plan their blocks.
 
     Returns ``(X, Y, k, plan, query_blocks, train_blocks)``: the sets as row sources
@@ -72,7 +73,8 @@ def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None):
     X, Y = as_rows(X, "X"), as_rows(Y, "Y")
     check_same_features(X, Y)
     k = _check_k(k, Y.shape[0])
-    itemsize = max(X.dtype.itemsize, Y.dtype.itemsize)
+    # Manhattan is ranked by exact float64 differences: its steps are float64 blocks.
+    itemsize = 8 if metric == "manhattan" else max(X.dtype.itemsize, Y.dtype.itemsize)
     budget, threads = parse_budget(memory_budget), dask_threads()
     shape = dict(n_query=X.shape[0], n_train=Y.shape[0], n_features=X.shape[1], k=k, itemsize=itemsize)
     p = plan("knn", memory_budget=budget, threads=threads, **shape)
@@ -188,10 +190,10 @@ def _shift_task(value, a, b):
     return _topk.finite_mean(rows_of(value, a, b))[0]
 
 
-def _prepare(value, a, b, shift, start):
+def _prepare(value, a, b, shift, start, metric="sqeuclidean"):
     """Task: one query block, prepared once for every training block."""
     with _named("X (the query set)"):
-        return _topk.prepare_queries(rows_of(value, a, b), shift, offset=start)
+        return _topk.prepare_queries(rows_of(value, a, b), shift, offset=start, metric=metric)
 
 
 class _named:
@@ -231,9 +233,9 @@ def _part(queries, value, a, b, start, shift, *, k, margin, call):
         return {"bad": e.rows}
 
 
-def _exact_part(qvalue, qa, qb, value, a, b, start, *, k):
-    """Task of the exact fallback: exact differences against every training row."""
-    return _topk.exact_topk_block(rows_of(qvalue, qa, qb), rows_of(value, a, b), k, start)
+def _exact_part(qvalue, qa, qb, value, a, b, start, *, k, metric="sqeuclidean"):
+    """Task of the exact fallback: exact keys against every training row."""
+    return _topk.exact_topk_block(rows_of(qvalue, qa, qb), rows_of(value, a, b), k, start, metric=metric)
 
 
 # Per query block of a k-NN call, the running bound on every query's k-th distance
@@ -296,11 +298,12 @@ def _concat(records):
 
 # ----------------------------------------------------------------------------- graph
 
-def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, exact=False, call=None):
-    """Lazy (n_query,) record array of (dist, idx, ok): block tasks and a merge tree.
+def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, exact=False, call=None,
+                   metric="sqeuclidean"):
+    """Lazy (n_query,) record array of (key, idx, ok): block tasks and a merge tree.
 
     ``X``, ``Y``: row sources; ``query_blocks``, ``train_blocks``: ``(a, b)`` row
-    ranges.  Tasks are named ``pipeline-knn-<stage>`` (dashboard, Prometheus).
+    ranges; ``metric``: the kernels' ranking key (:data:`pipeline.kernels.topk.KEYS`).  Tasks are named ``pipeline-knn-<stage>`` (dashboard, Prometheus).
     ``call``: a token unique to this graph, naming the tasks' shared bounds
     (:func:`_board`); drop them with :func:`_drop_boards` once computed.
     """
@@ -314,7 +317,7 @@ def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, 
     starts = [a for a, _ in train_blocks]
     trees = []
     if exact:
-        task = partial(_exact_part, k=k)
+        task = partial(_exact_part, k=k, metric=metric)
         for i, xq in enumerate(xs):
             trees.append([])
             for j, yt in enumerate(ys):
@@ -325,13 +328,16 @@ def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, 
         # The centring vector: the mean of the first training rows.  1024 rows put it
         # well inside the data's spread, all the GEMM's accuracy needs (distances are
         # re-ranked exactly whatever the shift); it is on the critical path, so small.
-        shift = (f"pipeline-knn-shift-{tok}",)
-        value, a, b = ys[0]
-        dsk[shift] = (_shift_task, value, a, min(b, a + 1024))
+        # Only distances are translation invariant: inner products are not centred.
+        shift = None
+        if metric == "sqeuclidean":
+            shift = (f"pipeline-knn-shift-{tok}",)
+            value, a, b = ys[0]
+            dsk[shift] = (_shift_task, value, a, min(b, a + 1024))
         task = partial(_part, k=k, margin=margin, call=call)
         for i, (xq, (qa, _)) in enumerate(zip(xs, query_blocks)):
             q = (f"pipeline-knn-query-{tok}", i)
-            dsk[q] = (_prepare, *xq, shift, qa)
+            dsk[q] = (_prepare, *xq, shift, qa, metric)
             trees.append([])
             for j, yt in enumerate(ys):
                 key = (f"pipeline-knn-topk-{tok}", i, j)
@@ -354,7 +360,7 @@ def _default_margin(k):
     return 2 + k // 8
 
 
-def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
+def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *, metric="euclidean",
                margin=None, split_every=None, query_rows=None, train_rows=None):
     """Exact k nearest training rows of every query row, out of core.
 
@@ -374,6 +380,11 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     memory_budget : int or str, optional
         Bytes above the idle process (see :func:`pipeline.budget.parse_budget`).
     return_distance : bool, default True
+    metric : {"euclidean", "sqeuclidean", "cosine", "ip", "manhattan"}, default "euclidean"
+        ``"cosine"``: ``1 - cos(x, y)``, a zero row at distance 1 from every row
+        (scikit-learn's convention: ``normalize`` leaves it zero); ``"ip"``: the
+        largest inner products, returned as they are (descending), as FAISS's
+        ``IndexFlatIP``; ``"manhattan"``: L1, by exact differences (no GEMM).
     margin : int, optional
         Approximate candidates re-ranked exactly beyond ``k`` per block.
     split_every : int, optional
@@ -385,7 +396,7 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     Returns
     -------
     dist : ndarray of shape (n_query, n_neighbors), float64
-        Exact Euclidean distances, ascending (only if ``return_distance``).
+        Exact distances of ``metric``, nearest first (only if ``return_distance``).
     ind : ndarray of shape (n_query, n_neighbors), int64
         Training row indices; equal distances are ordered by index, and among rows
         tied at the k-th distance the lower indices are returned.
@@ -394,7 +405,7 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     ------
     InputError
         Feature counts that differ, ``n_neighbors`` outside 1..n_train, an empty set,
-        or NaN / inf values (the message names the rows).
+        an unknown metric, or NaN / inf values (the message names the rows).
 
     Examples
     --------
@@ -404,30 +415,31 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     >>> ind.tolist(), np.round(dist, 3).tolist()
     ([[1, 0]], [[0.1, 0.9]])
     """
-    X, Y, k, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows)
+    check_metric(metric)
+    X, Y, k, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows,
+                                               metric)
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
                                or margin < 0):
         raise InputError(f"margin={margin!r} must be a whole number >= 0")
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = max(2, int(split_every or _SPLIT_EVERY))
     with thread_buffers():
-        dist, ind = _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks)
-    dist = np.sqrt(dist)
-    return (dist, ind) if return_distance else ind
+        keys, ind = _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks, _topk.metric_key(metric))
+    return (_topk.distances_from_keys(keys, metric), ind) if return_distance else ind
 
 
-def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks):
-    """Squared exact distances and indices: the main pass, then the fallbacks."""
+def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks, key="sqeuclidean"):
+    """Exact ranking keys (:data:`kernels.topk.KEYS`) and indices: the main pass, then the fallbacks."""
     calls = [uuid.uuid4().hex, uuid.uuid4().hex]  # the main pass's and the wide pass's boards
     try:
-        return _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls)
+        return _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, key)
     finally:
         for call in calls:
             _drop_boards(call)
 
 
-def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
-    common = dict(split_every=split_every, train_blocks=tblocks)
+def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, key):
+    common = dict(split_every=split_every, train_blocks=tblocks, metric=key)
     (rec,) = compute(_records_graph(X, Y, k, margin=margin, query_blocks=qblocks, call=calls[0], **common),
                      label="k-NN")
     dist, ind = rec["dist"], rec["idx"]
@@ -450,28 +462,444 @@ def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls):
     return dist, ind
 
 
-# ------------------------------------------------------------------------ classifier
+# -------------------------------------------------------------------- radius queries
 
-class KNeighborsClassifier(BaseEstimator):
+def _radius_part(queries, value, a, b, start, shift, *, max_key, max_pairs):
+    """Task: every row of one training block within the radius of each query of a block."""
+    work = thread_work()
+    step = _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize)
+    steps = ((start + s, rows) for s, rows in _steps(value, a, b, step, work))
+    try:
+        found = _topk.radius_steps(queries, steps, max_key, shift=shift, work=work, max_pairs=max_pairs)
+    except _topk.NonFiniteRows as e:
+        return {"bad": e.rows}
+    found["row"] += queries["offset"]  # global query rows from here on
+    return found
+
+
+def _radius_combine(parts, *, max_pairs):
+    """Task of the merge tree: the pairs of several parts, checked against the limit."""
+    bad = [p["bad"] for p in parts if "bad" in p]
+    if bad:
+        return {"bad": np.sort(np.concatenate(bad))}
+    out = {key: np.concatenate([p[key] for p in parts]) for key in ("row", "idx", "dist")}
+    if out["row"].size > max_pairs:
+        counts = np.bincount(out["row"] - out["row"].min())
+        raise _topk.BallTooLarge(int(np.argmax(counts) + out["row"].min()), int(counts.max()), max_pairs)
+    return out
+
+
+def _radius_aggregate(parts, *, max_pairs, lo, hi):
+    """Task at the root of a query block's tree: its pairs as CSR rows, nearest first."""
+    out = _radius_combine(parts, max_pairs=max_pairs)
+    if "bad" in out:
+        with _named("Y (the training set)"):
+            raise _topk.NonFiniteRows(out["bad"])
+    order = np.lexsort((out["idx"], out["dist"], out["row"]))  # by query, then (key, index)
+    counts = np.bincount(out["row"] - lo, minlength=hi - lo)
+    return counts, out["idx"][order], out["dist"][order]
+
+
+def _concat_csr(blocks):
+    counts, idx, dist = zip(*blocks)
+    counts = np.concatenate(counts)
+    indptr = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, np.concatenate(idx), np.concatenate(dist)
+
+
+def _radius_limit(budget):
+    # Pairs a radius query may keep: a pair is 24 bytes (query, row, key), held by its
+    # task, in the merge tree and in the sorted result, about four copies at most;
+    # a quarter of the budget for them.
+    return max(1, parse_budget(budget) // (4 * 4 * 24))
+
+
+def _radius_csr(X, Y, radius, metric, memory_budget, split_every=None):
+    """Exact radius neighbours as CSR parts ``(indptr, indices, keys)``, rows sorted by (key, index)."""
+    from functools import partial
+
+    max_pairs = _radius_limit(memory_budget)
+    X, Y, _, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, 1, metric=metric)
+    key = _topk.metric_key(metric)
+    max_key = _topk.key_of_radius(radius, metric)
+    tok = uuid.uuid4().hex
+    dsk = {}
+    ys, deps = Y.pieces(tblocks, f"pipeline-radius-train-{tok}", dsk)
+    xs, xdeps = X.pieces(qblocks, f"pipeline-radius-queries-{tok}", dsk)
+    shift = None
+    if key == "sqeuclidean":
+        shift = (f"pipeline-radius-shift-{tok}",)
+        value, a, b = ys[0]
+        dsk[shift] = (_shift_task, value, a, min(b, a + 1024))
+    task = partial(_radius_part, max_key=max_key, max_pairs=max_pairs)
+    roots = []
+    for i, (xq, (qa, qb)) in enumerate(zip(xs, qblocks)):
+        q = (f"pipeline-radius-query-{tok}", i)
+        dsk[q] = (_prepare, *xq, shift, qa, key)
+        leaves = []
+        for j, yt in enumerate(ys):
+            leaves.append((f"pipeline-radius-part-{tok}", i, j))
+            dsk[leaves[-1]] = (task, q, *yt, tblocks[j][0], shift)
+        roots.append(reduce_tree(dsk, leaves, partial(_radius_combine, max_pairs=max_pairs),
+                                 f"pipeline-radius-merge-{tok}", split_every=max(2, int(split_every or _SPLIT_EVERY)),
+                                 aggregate=partial(_radius_aggregate, max_pairs=max_pairs, lo=qa, hi=qb),
+                                 prefix=(i,)))
+    final = (f"pipeline-radius-merge-{tok}",)
+    dsk[final] = (_concat_csr, roots)
+    try:
+        with thread_buffers():
+            (csr,) = compute(delayed_of(dsk, final, deps + xdeps), label="radius neighbours")
+    except _topk.BallTooLarge as e:
+        raise InputError(
+            f"radius={radius!r}: query row {e.row} has at least {e.count} training rows within the radius, "
+            f"more than a radius query may keep in memory_budget={memory_budget!r} ({e.limit} pairs); use a "
+            f"smaller radius, a larger memory budget, or kneighbors") from None
+    return csr
+
+
+def _check_radius(radius):
+    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(radius):
+        raise InputError(f"radius={radius!r} must be a finite number")
+    return float(radius)
+
+
+def radius_neighbors(X, Y, radius=1.0, memory_budget=None, return_distance=True, *, metric="euclidean",
+                     sort_results=True):
+    """Every training row within ``radius`` of each query row, exact and out of core.
+
+    Each task ranks one (query block, training block) pair by GEMM steps, as
+    :func:`kneighbors`, and re-ranks exactly the rows within the radius plus the
+    GEMM's rounding-error bound; a row is kept when its exact distance is at most
+    ``radius`` (scikit-learn's rule).
+
+    Parameters
+    ----------
+    X, Y : array-like of shape (n_query, n_features) / (n_train, n_features)
+        As :func:`kneighbors`.
+    radius : float, default 1.0
+        For ``metric="ip"``, the smallest inner product kept.
+    memory_budget : int or str, optional
+        Also bounds the pairs found: a quarter of it, 24 bytes a pair, four copies
+        (:class:`InputError` naming the query whose ball is too large, before any
+        memory is exhausted).
+    return_distance : bool, default True
+    metric : {"euclidean", "sqeuclidean", "cosine", "ip", "manhattan"}, default "euclidean"
+    sort_results : bool, default True
+        Accepted for scikit-learn's signature: each row is always sorted, nearest
+        first, equal distances by index.
+
+    Returns
+    -------
+    dist : ndarray of shape (n_query,), dtype object
+        Per query, a float64 array of distances (only if ``return_distance``).
+    ind : ndarray of shape (n_query,), dtype object
+        Per query, an int64 array of training row indices.
+
+    Examples
+    --------
+    >>> import numpy as np, pipeline as pl
+    >>> Y = np.array([[0.0], [1.0], [3.0]])
+    >>> dist, ind = pl.radius_neighbors(np.array([[0.9]]), Y, radius=1.0)
+    >>> ind[0].tolist(), np.round(dist[0], 3).tolist()
+    ([1, 0], [0.1, 0.9])
+    """
+    check_metric(metric)
+    indptr, ind, keys = _radius_csr(X, Y, _check_radius(radius), metric, memory_budget)
+    return _ragged(indptr, ind, _topk.distances_from_keys(keys, metric), return_distance)
+
+
+def _ragged(indptr, ind, dist, return_distance):
+    """CSR rows as scikit-learn's object arrays of per-row arrays."""
+    n = indptr.size - 1
+    out_i = np.empty(n, dtype=object)
+    out_i[:] = np.split(ind, indptr[1:-1])
+    if not return_distance:
+        return out_i
+    out_d = np.empty(n, dtype=object)
+    out_d[:] = np.split(dist, indptr[1:-1])
+    return out_d, out_i
+
+
+# ---------------------------------------------------------------------- estimators
+
+_WEIGHTS = ("uniform", "distance")
+
+
+def _is_whole(value):
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+class _LastPass:
+    """The neighbours of the last query set a fitted estimator answered, by the input's identity.
+
+    A cache, not the model: it changes no result (a k-NN pass is deterministic), is
+    emptied by ``fit`` (a new holder) and is not pickled.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key = self._value = None
+
+    def get(self, key):
+        with self._lock:
+            return self._value if self._key == key else None
+
+    def put(self, key, value):
+        with self._lock:
+            self._key, self._value = key, value
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class _Neighbors(BaseEstimator):
+    """What every neighbours estimator shares: the training set by reference, queries, graphs.
+
+    ``fit`` keeps a reference to the training set (an array, a dask or Zarr array,
+    a Dataset or a URL): no pass over it.  Every query streams it out of core.
+    """
+
+    def _validate_params(self):
+        check_metric(self.metric)
+        if not _is_whole(self.n_neighbors) or self.n_neighbors < 1:
+            raise InputError(f"n_neighbors={self.n_neighbors!r} must be a whole number >= 1")
+        weights = getattr(self, "weights", "uniform")
+        if weights not in _WEIGHTS:
+            raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
+        if weights == "distance" and self.metric == "ip":
+            raise InputError("weights='distance' needs a distance, and metric='ip' ranks by inner products "
+                             "(larger is nearer); use weights='uniform' or metric='cosine'")
+
+    def _fit_set(self, X):
+        """Validate and remember the training set; returns it as a row source."""
+        self._validate_params()
+        source = as_rows(X, "X")
+        self._fit_X = source.dataset if source.dataset is not None else X  # a URL is opened once
+        self.n_samples_fit_ = int(source.shape[0])
+        self.n_features_in_ = int(source.shape[1])
+        self.effective_metric_ = self.metric
+        self._last_pass = _LastPass()
+        return source
+
+    def _check_fitted(self):
+        if not hasattr(self, "n_samples_fit_"):
+            raise sklearn_flavoured(NotFittedError, "NotFittedError")(
+                f"This {type(self).__name__} instance is not fitted yet; call fit first")
+
+    def _query_set(self, X):
+        """Queries as given, checked against the fitted features (``X=None``: not allowed here)."""
+        source = as_rows(X, "X")
+        if source.shape[1] != self.n_features_in_:
+            raise InputError(f"X has {source.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input (as in fit)")
+        return source
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Exact ``n_neighbors`` nearest training rows of each row of ``X`` (see :func:`kneighbors`).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_query, n_features), Dataset or URL, optional
+            Default: the training set itself, each row not counted as its own
+            neighbour (scikit-learn's rule: the row's own index is dropped, or, where a
+            duplicate pushed it out of the list, the first neighbour).
+        n_neighbors : int, optional
+            Default ``self.n_neighbors``.
+        return_distance : bool, default True
+
+        Returns
+        -------
+        dist : ndarray of shape (n_query, n_neighbors), float64
+            Only if ``return_distance``.
+        ind : ndarray of shape (n_query, n_neighbors), int64
+        """
+        self._check_fitted()
+        self._validate_params()
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if not _is_whole(k) or k < 1:
+            raise InputError(f"n_neighbors={k!r} must be a whole number >= 1")
+        if X is None:
+            _check_k(k + 1, self.n_samples_fit_)
+            dist, ind = self._neighbors(self._fit_X, int(k) + 1)
+            dist, ind = _drop_self(dist, ind)
+        else:
+            dist, ind = self._neighbors(self._query_set(X), int(k))
+        return (dist, ind) if return_distance else ind
+
+    def _neighbors(self, X, k):
+        """``(dist, ind)`` of ``X``: one k-NN pass, or the last one's if ``X`` is the same input.
+
+        ``predict``, ``predict_proba`` and ``score`` on the same queries then share one
+        pass: inputs are compared by content (:meth:`RowSource.identity`: a hash of an
+        in-memory array's bytes, a store's files); a dask array is never the same.
+        """
+        source = X if hasattr(X, "identity") else as_rows(X, "X")
+        ident = (source.identity(), k, self.metric, self.memory_budget)
+        out = self._last_pass.get(ident)
+        if out is None:
+            out = kneighbors(source, self._fit_X, k, memory_budget=self.memory_budget, metric=self.metric)
+            self._last_pass.put(ident, out)
+        return out[0].copy(), out[1].copy()  # the caller may change its arrays
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """The k-NN graph as a ``scipy.sparse.csr_matrix`` of shape (n_query, n_samples_fit).
+
+        Parameters
+        ----------
+        X, n_neighbors
+            As :meth:`kneighbors`.
+        mode : {"connectivity", "distance"}, default "connectivity"
+            Entries 1, or the neighbours' distances.
+
+        Notes
+        -----
+        For more queries than fit in memory, ``pipeline knn --graph`` writes the same
+        matrix to a result store, piece by piece (:func:`load_graph` reads it).
+        """
+        import scipy.sparse as sp
+
+        _check_mode(mode)
+        dist, ind = self.kneighbors(X, n_neighbors)
+        n, k = ind.shape
+        data = np.ones(n * k) if mode == "connectivity" else dist.ravel()
+        return sp.csr_matrix((data, ind.ravel(), np.arange(0, n * k + 1, k)), shape=(n, self.n_samples_fit_))
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
+        """Every training row within ``radius`` of each row of ``X`` (see :func:`radius_neighbors`).
+
+        ``X=None``: the training set, each row not its own neighbour.  ``radius``
+        defaults to ``self.radius``.  Rows are always sorted, nearest first.
+
+        Returns
+        -------
+        dist : ndarray of shape (n_query,), dtype object
+            Only if ``return_distance``.
+        ind : ndarray of shape (n_query,), dtype object
+        """
+        indptr, ind, dist = self._radius(X, radius)
+        return _ragged(indptr, ind, dist, return_distance)
+
+    def _radius(self, X, radius):
+        self._check_fitted()
+        self._validate_params()
+        radius = _check_radius(getattr(self, "radius", 1.0) if radius is None else radius)
+        query = self._fit_X if X is None else self._query_set(X)
+        indptr, ind, keys = _radius_csr(query, self._fit_X, radius, self.metric, self.memory_budget)
+        dist = _topk.distances_from_keys(keys, self.metric)
+        if X is None:
+            rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+            keep = ind != rows
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=indptr.size - 1))])
+            ind, dist = ind[keep], dist[keep]
+        return indptr, ind, dist
+
+    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity", sort_results=False):
+        """The radius graph as a ``scipy.sparse.csr_matrix`` of shape (n_query, n_samples_fit).
+
+        ``mode``: ``"connectivity"`` (entries 1) or ``"distance"``; see
+        :meth:`radius_neighbors`.
+        """
+        import scipy.sparse as sp
+
+        _check_mode(mode)
+        indptr, ind, dist = self._radius(X, radius)
+        data = np.ones(ind.size) if mode == "connectivity" else dist
+        return sp.csr_matrix((data, ind, indptr), shape=(indptr.size - 1, self.n_samples_fit_))
+
+
+def _check_mode(mode):
+    if mode not in ("connectivity", "distance"):
+        raise InputError(f"mode={mode!r}; choose 'connectivity' or 'distance'")
+
+
+def _drop_self(dist, ind):
+    """scikit-learn's rule for queries that are the training set: drop each row's own index.
+
+    Where the row is not in its list (duplicates of it ranked first), the first
+    neighbour is dropped instead.
+    """
+    n = ind.shape[0]
+    mask = ind != np.arange(n)[:, None]
+    mask[np.all(mask, axis=1), 0] = False
+    k = ind.shape[1] - 1
+    return dist[mask].reshape(n, k), ind[mask].reshape(n, k)
+
+
+class NearestNeighbors(_Neighbors):
+    """Exact unsupervised neighbours, out of core, with scikit-learn's API.
+
+    Parameters
+    ----------
+    n_neighbors : int, default 5
+        For :meth:`kneighbors` and :meth:`kneighbors_graph`.
+    radius : float, default 1.0
+        For :meth:`radius_neighbors` and :meth:`radius_neighbors_graph`.
+    metric : {"euclidean", "sqeuclidean", "cosine", "ip", "manhattan"}, default "euclidean"
+        See :func:`kneighbors`.
+    memory_budget : int or str, optional
+
+    Attributes
+    ----------
+    n_samples_fit_ : int
+    n_features_in_ : int
+    effective_metric_ : str
+
+    Examples
+    --------
+    >>> import numpy as np, pipeline as pl
+    >>> nn = pl.NearestNeighbors(n_neighbors=1).fit(np.array([[0.0], [1.0], [5.0]]))
+    >>> nn.kneighbors(np.array([[4.0]]))[1].tolist()
+    [[2]]
+    >>> nn.kneighbors_graph().toarray().tolist()
+    [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    """
+
+    def __init__(self, n_neighbors=5, radius=1.0, metric="euclidean", memory_budget=None):
+        self.n_neighbors = n_neighbors
+        self.radius = radius
+        self.metric = metric
+        self.memory_budget = memory_budget
+
+    def fit(self, X, y=None):
+        """Remember the training set (no pass over the data); ``y`` is ignored.
+
+        Returns
+        -------
+        self
+        """
+        self._fit_set(X)
+        return self
+
+
+class KNeighborsClassifier(_Neighbors):
     """k-nearest-neighbours vote, exact and out of core, with scikit-learn's API.
 
     ``fit`` only keeps a reference to the training set (an array, a dask or Zarr
     array, a Dataset or a URL) and its labels; ``predict`` streams the training set
     with :func:`kneighbors` and votes as scikit-learn's ``KNeighborsClassifier``
     (ties to the lowest class; ``weights="distance"`` gives neighbours at distance 0
-    all the weight).
+    all the weight).  ``predict``, ``predict_proba`` and ``score`` on the same input
+    share one k-NN pass (:meth:`_neighbors`).
 
     Parameters
     ----------
     n_neighbors : int, default 5
     weights : {"uniform", "distance"}, default "uniform"
     memory_budget : int or str, optional
+    metric : {"euclidean", "sqeuclidean", "cosine", "ip", "manhattan"}, default "euclidean"
+        See :func:`kneighbors`.
 
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
     n_samples_fit_ : int
     n_features_in_ : int
+    effective_metric_ : str
 
     Examples
     --------
@@ -485,17 +913,11 @@ class KNeighborsClassifier(BaseEstimator):
     _estimator_type = "classifier"
     _requires_y = True
 
-    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None):
+    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None, metric="euclidean"):
         self.n_neighbors = n_neighbors
         self.weights = weights
         self.memory_budget = memory_budget
-
-    def _validate_params(self):
-        if self.weights not in ("uniform", "distance"):
-            raise InputError(f"weights={self.weights!r}; choose 'uniform' or 'distance'")
-        if isinstance(self.n_neighbors, bool) or not isinstance(self.n_neighbors, (int, np.integer)) \
-                or self.n_neighbors < 1:
-            raise InputError(f"n_neighbors={self.n_neighbors!r} must be a whole number >= 1")
+        self.metric = metric
 
     def fit(self, X, y=None):
         """Remember the training set and its labels (no pass over the data).
@@ -511,42 +933,22 @@ class KNeighborsClassifier(BaseEstimator):
         self
         """
         self._validate_params()
-        Xd = as_rows(X, "X")
-        src = Xd.dataset if Xd.dataset is not None else X  # a URL is opened once
-        if y is None and Xd.dataset is not None and Xd.dataset.y_zarr is not None:
-            y = Xd.dataset
+        source = as_rows(X, "X")
+        if y is None and source.dataset is not None and source.dataset.y_zarr is not None:
+            y = source.dataset
         if y is None:
             raise InputError(
                 "KNeighborsClassifier requires y to be passed, but the target y is None: pass the training "
                 "labels, or a dataset that holds labels 'y'"
             )
-        labels = as_labels(y, Xd.shape[0])
-        _check_k(self.n_neighbors, Xd.shape[0])
+        labels = as_labels(y, source.shape[0])
+        _check_k(self.n_neighbors, source.shape[0])
+        self._fit_set(source.dataset if source.dataset is not None else X)
         self.classes_, self._y = np.unique(labels, return_inverse=True)
-        self._fit_X = src
-        self.n_samples_fit_ = int(Xd.shape[0])
-        self.n_features_in_ = int(Xd.shape[1])
         return self
-
-    def _check_fitted(self):
-        if not hasattr(self, "classes_"):
-            raise sklearn_flavoured(NotFittedError, "NotFittedError")(
-                "This KNeighborsClassifier instance is not fitted yet; call fit(X, y) first")
-
-    def kneighbors(self, X, n_neighbors=None, return_distance=True):
-        """Exact neighbours of ``X`` in the training set (see :func:`kneighbors`)."""
-        self._check_fitted()
-        source = as_rows(X, "X")
-        if source.shape[1] != self.n_features_in_:
-            raise InputError(f"X has {source.shape[1]} features, but KNeighborsClassifier is expecting "
-                             f"{self.n_features_in_} features as input (as in fit)")
-        k = self.n_neighbors if n_neighbors is None else n_neighbors
-        return kneighbors(X, self._fit_X, k, memory_budget=self.memory_budget,
-                          return_distance=return_distance)
 
     def _vote(self, X):
         self._check_fitted()
-        self._validate_params()
         dist, ind = self.kneighbors(X)
         return _topk.vote(self._y[ind], dist, self.classes_, self.weights)
 
@@ -562,6 +964,81 @@ class KNeighborsClassifier(BaseEstimator):
         """Mean accuracy of ``predict(X)`` against ``y``."""
         pred = self.predict(X)
         return float(np.mean(pred == as_labels(y, pred.shape[0])))
+
+
+class KNeighborsRegressor(_Neighbors):
+    """k-nearest-neighbours regression, exact and out of core, with scikit-learn's API.
+
+    The prediction is the mean of the neighbours' targets, or with
+    ``weights="distance"`` their mean weighted by 1 / distance (neighbours at
+    distance 0 get all the weight), as scikit-learn's ``KNeighborsRegressor``.  ``y``
+    may have several outputs, shape (n_train, n_outputs); it is held in memory.
+
+    Parameters
+    ----------
+    n_neighbors : int, default 5
+    weights : {"uniform", "distance"}, default "uniform"
+    memory_budget : int or str, optional
+    metric : {"euclidean", "sqeuclidean", "cosine", "ip", "manhattan"}, default "euclidean"
+
+    Attributes
+    ----------
+    n_samples_fit_ : int
+    n_features_in_ : int
+    effective_metric_ : str
+
+    Examples
+    --------
+    >>> import numpy as np, pipeline as pl
+    >>> reg = pl.KNeighborsRegressor(n_neighbors=2).fit(np.array([[0.0], [1.0], [10.0]]), [0.0, 1.0, 5.0])
+    >>> reg.predict(np.array([[0.4]])).tolist()
+    [0.5]
+    """
+
+    _estimator_type = "regressor"
+    _requires_y = True
+
+    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None, metric="euclidean"):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.memory_budget = memory_budget
+        self.metric = metric
+
+    def fit(self, X, y=None):
+        """Remember the training set and its targets (no pass over the data).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, n_features), Dataset or URL
+        y : array-like of shape (n_train,) or (n_train, n_outputs)
+            Targets; a Dataset or URL with ``y`` provides its own.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        source = as_rows(X, "X")
+        if y is None and source.dataset is not None and source.dataset.y_zarr is not None:
+            y = source.dataset.y_zarr[...]
+        if y is None:
+            raise InputError("KNeighborsRegressor requires y to be passed, but the target y is None: pass the "
+                             "training targets, or a dataset that holds 'y'")
+        self._y = as_targets(y, source.shape[0])
+        _check_k(self.n_neighbors, source.shape[0])
+        self._fit_set(source.dataset if source.dataset is not None else X)
+        return self
+
+    def predict(self, X):
+        """Predicted targets, shape (n_query,) or (n_query, n_outputs) as ``y`` in fit."""
+        self._check_fitted()
+        dist, ind = self.kneighbors(X)
+        return _topk.regress(self._y[ind], dist, self.weights)
+
+    def score(self, X, y):
+        """R² of ``predict(X)`` against ``y``, averaged over outputs (scikit-learn's ``r2_score``)."""
+        pred = self.predict(X)
+        return _topk.r2(as_targets(y, pred.shape[0]), pred)
 
 
 # ----------------------------------------------------------------------------- store
@@ -600,12 +1077,17 @@ def _absolute_rows(error, offset):
 
 
 def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, overwrite=False,
-              piece_rows=None, on_block=None):
+              piece_rows=None, on_block=None, metric="euclidean", graph=None):
     """Exact k-NN of a query dataset in a training dataset, written to a result store.
 
     Writes ``indices`` int64 (n_query, k), ``distances`` float64 (n_query, k) and,
     when the training set has labels, ``predictions`` (n_query,); when the query set
-    has labels too, the accuracy goes into the attributes.  The queries are processed
+    has labels too, the accuracy goes into the attributes.  ``metric`` as
+    :func:`kneighbors`.  ``graph="connectivity"`` or ``"distance"`` also writes the
+    k-NN graph in CSR form, ``graph_data`` (float64), ``graph_indices`` (int64, both
+    n_query * k) and ``graph_indptr`` (n_query + 1), each piece's rows as one chunk:
+    :func:`load_graph` reads it as a ``scipy.sparse.csr_matrix`` of shape
+    (n_query, n_train), the matrix ``kneighbors_graph`` returns.  The queries are processed
     in pieces (:func:`_piece_rows`, or ``piece_rows``), each written as one chunk of
     every output and then recorded in ``_done``; the store is marked complete only
     after every piece is written.  Rerun on the same job's incomplete result (a crash,
@@ -626,6 +1108,12 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     """
     if weights not in ("uniform", "distance"):
         raise InputError(f"weights={weights!r}; choose 'uniform' or 'distance'")
+    check_metric(metric)
+    if weights == "distance" and metric == "ip":
+        raise InputError("weights='distance' needs a distance, and metric='ip' ranks by inner products "
+                         "(larger is nearer); use weights='uniform' or metric='cosine'")
+    if graph is not None:
+        _check_mode(graph)
     qd, td = as_rows(query, "QUERY"), as_rows(train, "TRAIN")
     check_same_features(qd, td)
     k = _check_k(k, td.shape[0], "k")
@@ -634,7 +1122,10 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     p = plan("knn", n_query=n, n_train=td.shape[0], n_features=td.shape[1], k=k,
              itemsize=max(qd.dtype.itemsize, td.dtype.itemsize), memory_budget=memory_budget,
              threads=dask_threads())
-    job = job_fingerprint(op="knn", query=qd.identity(), train=td.identity(), k=k, weights=weights)
+    # Options at their defaults are left out: results written before they existed keep their job.
+    extra = {name: value for name, value, default in (("metric", metric, "euclidean"), ("graph", graph, None))
+             if value != default}
+    job = job_fingerprint(op="knn", query=qd.identity(), train=td.identity(), k=k, weights=weights, **extra)
     with ResultWriter(out, "neighbors", job, overwrite=overwrite, resume=True, on_block=on_block) as result:
         if result.status == "complete":
             attrs = result.attrs
@@ -655,28 +1146,46 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
                    "distances": result.array("distances", (n, k), (rows, k), np.float64)}
         if classes is not None:
             outputs["predictions"] = result.array("predictions", (n,), (rows,), classes.dtype)
+        if graph is not None:
+            outputs["graph_data"] = result.array("graph_data", (n * k,), (rows * k,), np.float64)
+            outputs["graph_indices"] = result.array("graph_indices", (n * k,), (rows * k,), np.int64)
+            # indptr[i] = i k: piece p writes rows [a, b) of it, one chunk; the last entry, n k,
+            # is written with the completion.
+            outputs["graph_indptr"] = result.array("graph_indptr", (n + 1,), (rows,), np.int64)
         n_pieces = math.ceil(n / rows)
         todo = result.pending((n_pieces,))
         for (piece,) in todo:
             a, b = piece * rows, min(n, (piece + 1) * rows)
             try:
                 if n_pieces == 1:
-                    dist, ind = kneighbors(qd, td, k, memory_budget=memory_budget)
+                    dist, ind = kneighbors(qd, td, k, memory_budget=memory_budget, metric=metric)
                 else:  # each piece: one query block, read in its tasks
-                    dist, ind = kneighbors(qd.rows(a, b), td, k, memory_budget=memory_budget,
+                    dist, ind = kneighbors(qd.rows(a, b), td, k, memory_budget=memory_budget, metric=metric,
                                            query_rows=b - a if qd.kind == "zarr" else None)
             except InputError as e:
                 raise _absolute_rows(e, a) from None
             blocks = {"indices": ind, "distances": dist}
             if classes is not None:
                 blocks["predictions"] = _topk.vote(enc[ind], dist, classes, weights)[0]
+            if graph is not None:
+                blocks["graph_data"] = np.ones(ind.size) if graph == "connectivity" else dist.ravel()
+                blocks["graph_indices"] = ind.ravel()
             for name, block in blocks.items():
-                outputs[name][a:b] = block
+                if name.startswith("graph_"):
+                    outputs[name][a * k:b * k] = block
+                else:
+                    outputs[name][a:b] = block
+            if graph is not None:
+                outputs["graph_indptr"][a:b] = np.arange(a, b, dtype=np.int64) * k
             result.record((piece,))
         summary = {"status": "complete (resumed)" if len(todo) < n_pieces else "complete",
                    "queries": n, "k": k, "pieces": n_pieces, "pieces_written": len(todo),
                    "pieces_kept": n_pieces - len(todo)}
-        attrs = {"n_query": n, "n_train": int(td.shape[0]), "k": k, "weights": weights}
+        attrs = {"n_query": n, "n_train": int(td.shape[0]), "k": k, "weights": weights, "metric": metric}
+        if graph is not None:
+            outputs["graph_indptr"][n] = n * k
+            attrs.update(graph=graph, graph_shape=[n, int(td.shape[0])])
+            summary["graph"] = f"{graph}, {n} x {int(td.shape[0])}, {n * k} entries"
         yq = qd.dataset.y_zarr if qd.dataset is not None else None
         if classes is not None and yq is not None:
             acc = float(np.mean(outputs["predictions"][...] == np.asarray(yq[...])))
@@ -684,3 +1193,27 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
             summary["accuracy"] = round(acc, 6)
         result.complete(**attrs)
     return {**summary, "output": str(out)}
+
+
+def load_graph(url):
+    """The k-NN graph a ``pipeline knn --graph`` result holds, as a ``scipy.sparse.csr_matrix``.
+
+    Loads ``graph_data``, ``graph_indices`` and ``graph_indptr`` (16 bytes per
+    entry); for more than fits, read slices of those arrays from the store instead.
+
+    Raises
+    ------
+    InputError
+        The store is not a complete k-NN result, or was written without a graph.
+    """
+    import scipy.sparse as sp
+
+    from .store.results import open_result
+
+    group = open_result(url, "neighbors")
+    attrs = dict(group.attrs.get("pipeline", {}))
+    if "graph" not in attrs:
+        raise InputError(f"{url} holds no graph; write it with: pipeline knn QUERY TRAIN OUT --graph connectivity")
+    shape = tuple(int(v) for v in attrs["graph_shape"])
+    return sp.csr_matrix((group["graph_data"][...], group["graph_indices"][...], group["graph_indptr"][...]),
+                         shape=shape)

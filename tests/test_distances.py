@@ -83,8 +83,9 @@ def test_keys_and_graph_holds_no_data(tmp_path):
 
 def test_bad_input():
     X, Y = _data(5, 6, 3)
-    with pytest.raises(InputError, match="metric"):
-        pl.pairwise_distances(X, Y, metric="cosine")
+    with pytest.raises(InputError, match="metric='chebyshev' is not supported; use one of euclidean, sqeuclidean, "
+                                         "cosine, ip, manhattan"):
+        pl.pairwise_distances(X, Y, metric="chebyshev")
     with pytest.raises(InputError, match="precision"):
         pl.pairwise_distances(X, Y, precision="fast")
     with pytest.raises(InputError, match="3 features but Y has 4"):

@@ -94,8 +94,9 @@ BAD = {
     "k = 0": ({"steps": [GOOD[0], {"knn": {"query": "a.zarr", "train": "a.zarr", "out": "k.zarr", "k": 0}}]},
               r"steps\[1\] \(knn\): k: 0 must be a whole number >= 1"),
     "bad choice": ({"steps": [GOOD[0], {"distances": {"query": "a.zarr", "train": "a.zarr", "out": "d.zarr",
-                                                      "metric": "manhattan"}}]},
-                   r"steps\[1\] \(distances\): metric: 'manhattan' is not one of euclidean, sqeuclidean"),
+                                                      "metric": "chebyshev"}}]},
+                   r"steps\[1\] \(distances\): metric: 'chebyshev' is not one of euclidean, sqeuclidean, cosine, "
+                   r"ip, manhattan"),
     "missing key": ({"steps": [GOOD[0], {"gmm-fit": {"data": "a.zarr"}}]},
                     r"steps\[1\] \(gmm-fit\): missing key 'model'"),
     "input nobody writes": ({"steps": [GOOD[0], {"knn": {"query": "b.zarr", "train": "a.zarr", "out": "k.zarr"}}]},

@@ -217,7 +217,8 @@ def test_classifier_matches_sklearn_digits(digits, weights):
 
 def test_classifier_params_clone_and_dataset_labels(tmp_path, digits):
     clf = pl.KNeighborsClassifier(n_neighbors=3, weights="distance", memory_budget="64MiB")
-    assert clf.get_params() == {"n_neighbors": 3, "weights": "distance", "memory_budget": "64MiB"}
+    assert clf.get_params() == {"n_neighbors": 3, "weights": "distance", "memory_budget": "64MiB",
+                                "metric": "euclidean"}
     c2 = clone(clf)
     assert c2.get_params() == clf.get_params() and c2 is not clf
     assert clf.set_params(n_neighbors=4) is clf and clf.n_neighbors == 4

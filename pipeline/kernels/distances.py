@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["working_dtype", "as_block", "row_norms_sq", "sq_euclidean", "euclidean", "block_workspace"]
+#: The metrics of every distance and neighbour function (kernels.topk.KEYS ranks them).
+METRICS = ("euclidean", "sqeuclidean", "cosine", "ip", "manhattan")
+
+__all__ = ["METRICS", "working_dtype", "as_block", "row_norms_sq", "sq_euclidean", "euclidean", "unit_rows", "cosine",
+           "inner_product", "manhattan", "block_workspace"]
 
 
 def working_dtype(dtype, upcast=False):
@@ -162,6 +166,82 @@ def euclidean(X, Y, X_norm_sq=None, Y_norm_sq=None, *, shift=None, upcast=False,
     """
     D = sq_euclidean(X, Y, X_norm_sq, Y_norm_sq, shift=shift, upcast=upcast, out=out)
     return np.sqrt(D, out=D)
+
+
+def unit_rows(X, dtype=None, *, inplace=False):
+    """Rows of ``X`` divided by their norms (accumulated in float64); zero rows stay zero.
+
+    In the working dtype (or ``dtype``); ``inplace=True`` scales ``X`` itself when it
+    is already of that dtype and C-contiguous (a block the caller owns).
+
+    Examples
+    --------
+    >>> unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    array([[0.6, 0.8],
+           [0. , 0. ]])
+    """
+    X = np.asarray(X)
+    out = as_block(X, working_dtype(X.dtype) if dtype is None else dtype)
+    if out is X and not inplace:
+        out = out.copy()
+    norms = row_norms_sq(X)
+    inv = np.zeros_like(norms)
+    pos = norms > 0
+    inv[pos] = 1 / np.sqrt(norms[pos])
+    out *= inv.astype(out.dtype)[:, None]
+    return out
+
+
+def cosine(X, Y, *, upcast=False, unit=False, out=None):
+    """Cosine distances ``1 - cos(x, y)`` between the rows of two blocks, by one GEMM.
+
+    As scikit-learn's ``cosine_distances``: rows are normalised first (a zero row
+    stays zero, so it is at distance 1 from every row) and the result is clipped to
+    [0, 2].  In the working dtype (:func:`working_dtype`); ``unit=True``: the rows are
+    already :func:`unit_rows`.
+
+    Examples
+    --------
+    >>> cosine(np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[2.0, 0.0], [0.0, 3.0]]))
+    array([[0., 1.],
+           [1., 1.]])
+    """
+    X, Y = np.asarray(X), np.asarray(Y)
+    if not unit:
+        dtype = working_dtype(np.result_type(X.dtype, Y.dtype), upcast)
+        X, Y = unit_rows(X, dtype), unit_rows(Y, dtype)
+    D = np.matmul(X, Y.T, out=out)
+    np.subtract(1, D, out=D)
+    return np.clip(D, 0, 2, out=D)
+
+
+def inner_product(X, Y, *, upcast=False, out=None):
+    """Inner products ``x . y`` between the rows of two blocks, by one GEMM (larger is nearer).
+
+    Examples
+    --------
+    >>> inner_product(np.array([[1.0, 2.0]]), np.array([[3.0, 4.0]]))
+    array([[11.]])
+    """
+    X, Y = np.asarray(X), np.asarray(Y)
+    dtype = working_dtype(np.result_type(X.dtype, Y.dtype), upcast)
+    return np.matmul(as_block(X, dtype), as_block(Y, dtype).T, out=out)
+
+
+def manhattan(X, Y):
+    """L1 distances between the rows of two blocks, float64.
+
+    SciPy's compiled ``cdist(..., "cityblock")`` on float64 copies of the blocks:
+    exact differences, no per-row Python loop (there is no GEMM form of L1).
+
+    Examples
+    --------
+    >>> manhattan(np.array([[0.0, 0.0]]), np.array([[3.0, -4.0]]))
+    array([[7.]])
+    """
+    from scipy.spatial.distance import cdist
+
+    return cdist(np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64), "cityblock")
 
 
 def block_workspace(x_rows, y_rows, n_features, itemsize, upcast=False):

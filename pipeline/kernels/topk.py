@@ -41,13 +41,25 @@ __all__ = [
     "step_rows",
     "exact_sq_pairs",
     "exact_topk_block",
+    "exact_ip_pairs",
+    "exact_keys",
+    "check_metric",
+    "KEYS",
+    "metric_key",
+    "distances_from_keys",
+    "key_of_radius",
     "merge_knn",
     "uncertified",
     "record_dtype",
     "knn_records",
     "NonFiniteRows",
+    "BallTooLarge",
+    "radius_steps",
     "finite_mean",
     "vote",
+    "neighbour_weights",
+    "regress",
+    "r2",
 ]
 
 
@@ -79,6 +91,12 @@ def _check_finite(norms, offset, dtype=np.float64):
     bad = _unfit_rows(norms, dtype)
     if bad.size:
         raise NonFiniteRows(bad + int(offset))
+
+# The ranking keys of the k-NN kernels, smallest first (ties to the lower index):
+# squared Euclidean distance; the negated inner product (largest products first);
+# the negated cosine similarity, with a zero row at similarity 0 to everything
+# (scikit-learn's normalize leaves it zero); the L1 distance.
+KEYS = ("sqeuclidean", "ip", "cosine", "manhattan")
 
 # Bytes of gathered candidate rows (rows x candidates x features, float64) re-ranked
 # at once: a few MiB, inside the CPU caches.
@@ -289,37 +307,132 @@ def rerank_exact(X, Y, cand, k=None, offset=0):
     return _sort_lists(dist, cand.astype(np.int64) + np.int64(offset), k)
 
 
-def prepare_queries(X, shift=None, upcast=False, offset=0):
+def prepare_queries(X, shift=None, upcast=False, offset=0, metric="sqeuclidean"):
     """Everything the k-NN blocks need from a query block, computed once.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    shift : ndarray of shape (n_features,), optional
+        Centring vector (``"sqeuclidean"`` only: inner products are not translation
+        invariant).
+    upcast : bool
+        GEMM in float64 whatever the data's dtype.
+    offset : int
+        Global index of the first query.
+    metric : {"sqeuclidean", "ip", "cosine", "manhattan"}
+        The ranking key (see :data:`KEYS`).
 
     Returns
     -------
     dict
-        ``xm2``: ``-2 (X - shift)`` in the working dtype (the GEMM then yields
-        ``-2 x.y`` with no pass over its output; scaling by 2 is exact); ``xn``: the
-        squared row norms of ``X - shift`` (float64); ``x64``: the stored values as
-        float64 (for the exact re-rank); ``upcast``; ``offset``, the global index of
-        the first query.
+        ``xm2``: the GEMM operand in the working dtype: ``-2 (X - shift)`` for
+        ``"sqeuclidean"`` (the GEMM then yields ``-2 x.y`` with no pass over its
+        output; scaling by 2 is exact), ``-X`` for ``"ip"``, ``-X / ||X||`` for
+        ``"cosine"``; ``xn``: what the key adds per query to the GEMM's block (the
+        squared norms of ``X - shift``, zeros for the inner products); ``xs``: the
+        squared norms that scale the GEMM's rounding-error bound; ``x64``: the query
+        values as float64 for the exact re-rank (unit rows for ``"cosine"``);
+        ``metric``, ``upcast``; ``offset``, the global index of the first query.
 
     Examples
     --------
     >>> sorted(prepare_queries(np.ones((2, 3), dtype=np.float32)))
-    ['offset', 'upcast', 'x64', 'xm2', 'xn']
+    ['metric', 'offset', 'upcast', 'x64', 'xm2', 'xn', 'xs']
     """
     X = np.asarray(X)
-    xc = as_block(X, working_dtype(X.dtype, upcast), shift)
-    if np.shares_memory(xc, X):  # as_block returns X itself when it can; it is scaled below
-        xc = xc.copy()
-    xn = row_norms_sq(xc)
-    _check_finite(xn, offset, xc.dtype)
-    xc *= -2
+    check_metric(metric)
+    x64 = np.ascontiguousarray(X, dtype=np.float64)
+    if metric == "manhattan":  # exact differences only: no GEMM operand
+        _check_finite(row_norms_sq(x64), offset)
+        return {"xm2": x64, "xn": np.zeros(X.shape[0]), "xs": np.zeros(X.shape[0]), "x64": x64,
+                "metric": metric, "upcast": bool(upcast), "offset": int(offset)}
+    if metric == "cosine":
+        norms = row_norms_sq(x64)
+        _check_finite(norms, offset)
+        x64 = x64 if x64 is not X else x64.copy()
+        x64 *= _inverse_norms(norms)[:, None]  # zero rows stay zero: scikit-learn's normalize
+        xc = x64.astype(working_dtype(X.dtype, upcast))
+    else:
+        xc = as_block(X, working_dtype(X.dtype, upcast), shift if metric == "sqeuclidean" else None)
+        if np.shares_memory(xc, X):  # as_block returns X itself when it can; it is scaled below
+            xc = xc.copy()
+    xs = row_norms_sq(xc)
+    _check_finite(xs, offset, xc.dtype)
+    xc *= -2 if metric == "sqeuclidean" else -1
     return {
         "xm2": xc,
-        "xn": xn,
-        "x64": np.ascontiguousarray(X, dtype=np.float64),
+        "xn": xs if metric == "sqeuclidean" else np.zeros(X.shape[0]),
+        "xs": xs,
+        "x64": x64,
+        "metric": metric,
         "upcast": bool(upcast),
         "offset": int(offset),
     }
+
+
+def metric_key(metric):
+    """The kernels' ranking key (:data:`KEYS`) of a user's metric.
+
+    ``"euclidean"`` ranks by its square; the others are their own keys.
+
+    Examples
+    --------
+    >>> metric_key("euclidean"), metric_key("cosine")
+    ('sqeuclidean', 'cosine')
+    """
+    return "sqeuclidean" if metric == "euclidean" else metric
+
+
+def distances_from_keys(keys, metric):
+    """A user's distances from the kernels' ranking keys, float64.
+
+    ``"euclidean"``: the square root; ``"cosine"``: ``1 - cos``, clipped to [0, 2] as
+    scikit-learn's ``cosine_distances``; ``"ip"``: the inner products themselves
+    (largest first, as FAISS's ``IndexFlatIP`` returns them); others unchanged.
+
+    Examples
+    --------
+    >>> distances_from_keys(np.array([[-0.5, 4.0]]), "ip")
+    array([[ 0.5, -4. ]])
+    """
+    keys = np.asarray(keys, dtype=np.float64)
+    if metric == "euclidean":
+        return np.sqrt(keys)
+    if metric == "cosine":
+        return np.clip(1.0 + keys, 0.0, 2.0)
+    if metric == "ip":
+        return -keys
+    return keys
+
+
+def key_of_radius(radius, metric):
+    """The largest ranking key within ``radius`` of a user's metric (see :func:`distances_from_keys`).
+
+    For ``"ip"`` the radius is the smallest inner product kept.
+
+    Examples
+    --------
+    >>> key_of_radius(2.0, "euclidean"), key_of_radius(0.25, "cosine")
+    (4.0, -0.75)
+    """
+    radius = float(radius)
+    return {"euclidean": radius * radius, "cosine": radius - 1.0, "ip": -radius}.get(metric, radius)
+
+
+def check_metric(metric):
+    """Raise ValueError unless ``metric`` is one of the ranking keys :data:`KEYS`."""
+    if metric not in KEYS:
+        raise ValueError(f"metric={metric!r}; the k-NN kernels rank by one of {', '.join(KEYS)}")
+
+
+def _inverse_norms(norms_sq):
+    """``1 / sqrt(norms_sq)``, 0 where the norm is 0 (such a row is left as zeros)."""
+    norms_sq = np.asarray(norms_sq)
+    out = np.zeros(norms_sq.shape, dtype=norms_sq.dtype)
+    pos = norms_sq > 0
+    out[pos] = 1 / np.sqrt(norms_sq[pos])
+    return out
 
 
 def finite_mean(X):
@@ -499,6 +612,9 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
     dict
         As :func:`knn_block`.
     """
+    metric = queries.get("metric", "sqeuclidean")
+    if metric == "manhattan":
+        return _exact_steps(queries, steps, k, board=board)
     xm2, xn = queries["xm2"], queries["xn"]
     n = xm2.shape[0]
     k = int(k)
@@ -506,36 +622,10 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
     best_i = np.full((n, k), _NO_ROW, dtype=np.int64)
     bound = np.full(n, np.inf)
     seen = 0
-    bad = []
     big = np.finfo(np.float64).eps * 4
-    for offset, Y in steps:
-        Y = np.asarray(Y)
+    for offset, Y, S, err in _ranked_steps(queries, steps, shift, work):
         m = Y.shape[0]
-        if m == 0:
-            continue
         seen += m
-        if shift is None and Y.dtype == xm2.dtype and Y.flags.c_contiguous:
-            yc = Y
-        else:
-            yc = scratch(work, "yc", Y.shape, xm2.dtype)
-            np.subtract(Y, np.zeros(1) if shift is None else np.asarray(shift).astype(xm2.dtype, copy=False),
-                        out=yc, casting="unsafe")
-        # In the working dtype (SIMD, a third of the float64 cost); the error bound
-        # accounts for it.
-        yn = np.einsum("ij,ij->i", yc, yc)
-        unfit = _unfit_rows(yn, yc.dtype)
-        if unfit.size or bad:
-            # The task fails; its remaining steps are only checked, so the error names
-            # every bad row of the block.
-            bad.append(unfit + offset)
-            continue
-        # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is constant
-        # along a row, so it is left out of the (n_queries, m) block.
-        S = np.matmul(xm2, yc.T, out=scratch(work, "S", (n, m), xm2.dtype))
-        S += yn[None, :]
-        del yc
-        # |approximate - exact| <= err for every entry of the row (exact = S + xn).
-        err = _error_bound(S.dtype, Y.shape[1]) * (xn + float(yn.max()))
         n_cand = min(k + int(margin), m)
         kth = best_d[:, k - 1] if board is None else np.minimum(best_d[:, k - 1], board)
         known = np.isfinite(kth)  # else fewer than k rows known yet: cut by rank
@@ -577,15 +667,162 @@ def knn_steps(queries, steps, k, *, margin=3, shift=None, work=None, board=None)
             cols = np.concatenate([cols, cand[r, c]])
         del S
         if rows.size:
-            d = exact_sq_pairs(queries["x64"], Y, rows, cols, work)
+            d = _exact_pairs(queries, Y, rows, cols, work)
             _merge_pairs(best_d, best_i, rows, d, cols.astype(np.int64) + np.int64(offset), k)
             if board is not None:
                 # Unlocked: a lost update only leaves a larger, still valid bound.
                 np.minimum(board, best_d[:, k - 1], out=board)
-    if bad:
-        raise NonFiniteRows(np.concatenate(bad))
     width = min(k, seen)
     return {"dist": best_d[:, :width], "idx": best_i[:, :width], "bound": bound}
+
+
+def _ranked_steps(queries, steps, shift, work):
+    """Per training step, ``(offset, rows, S, err)``: the approximate keys by one GEMM.
+
+    ``S + queries["xn"][:, None]`` is every (query, row) ranking key in the working
+    dtype, within ``err[:, None]`` of the exact key.  ``S`` lives in ``work`` and is
+    overwritten by the next step.  Rows with NaN, inf or values too large to square
+    make the generator raise :class:`NonFiniteRows` once every step has been checked,
+    so the error names every bad row.
+    """
+    metric = queries.get("metric", "sqeuclidean")
+    xm2, xs = queries["xm2"], queries.get("xs", queries["xn"])
+    euclidean = metric == "sqeuclidean"
+    n = xm2.shape[0]
+    bad = []
+    for offset, Y in steps:
+        Y = np.asarray(Y)
+        m = Y.shape[0]
+        if m == 0:
+            continue
+        if shift is None and metric != "cosine" and Y.dtype == xm2.dtype and Y.flags.c_contiguous:
+            yc = Y
+        else:
+            yc = scratch(work, "yc", Y.shape, xm2.dtype)
+            np.subtract(Y, np.zeros(1) if shift is None or not euclidean
+                        else np.asarray(shift).astype(xm2.dtype, copy=False), out=yc, casting="unsafe")
+        # In the working dtype (SIMD, a third of the float64 cost); the error bound
+        # accounts for it.
+        yn = np.einsum("ij,ij->i", yc, yc)
+        unfit = _unfit_rows(yn, yc.dtype)
+        if unfit.size or bad:
+            # The task fails; its remaining steps are only checked.
+            bad.append(unfit + offset)
+            continue
+        if metric == "cosine":
+            # Unit rows in the working dtype: their norm's rounding (<= gamma_d) is
+            # within the bound below, which counts ||y||^2 = 1 for each.
+            yc *= _inverse_norms(yn)[:, None]
+            yn = (yn > 0).astype(yn.dtype)
+        S = np.matmul(xm2, yc.T, out=scratch(work, "S", (n, m), xm2.dtype))
+        if euclidean:
+            # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is
+            # constant along a row, so it is left out of the (n_queries, m) block.
+            S += yn[None, :]
+        del yc
+        # |approximate - exact| <= err for every entry of the row (exact = S + xn).
+        yield offset, Y, S, _error_bound(S.dtype, Y.shape[1]) * (xs + float(yn.max()))
+    if bad:
+        raise NonFiniteRows(np.concatenate(bad))
+
+
+def _exact_pairs(queries, Y, rows, cols, work=None):
+    """Exact keys of the (query, row) pairs ``(rows[p], cols[p])`` of a step, float64."""
+    metric = queries.get("metric", "sqeuclidean")
+    if metric == "sqeuclidean":
+        return exact_sq_pairs(queries["x64"], Y, rows, cols, work)
+    return exact_ip_pairs(queries["x64"], Y, rows, cols, work, normalize=metric == "cosine")
+
+
+def radius_steps(queries, steps, max_key, *, shift=None, work=None, max_pairs=None):
+    """Every training row whose exact key is at most ``max_key``, for every query.
+
+    The rows of each step within ``max_key`` plus the rounding-error bound of the
+    GEMM (:func:`_ranked_steps`) are re-ranked exactly; those whose exact key is at
+    most ``max_key`` are kept (``"manhattan"``: exact keys of every pair).
+
+    Parameters
+    ----------
+    queries : dict
+        From :func:`prepare_queries`.
+    steps : iterable of (int, ndarray)
+        As :func:`knn_steps`.
+    max_key : float
+        :func:`key_of_radius` of the radius.
+    shift, work
+        As :func:`knn_steps`.
+    max_pairs : int, optional
+        Most (query, row) pairs kept; more raise :class:`BallTooLarge`.
+
+    Returns
+    -------
+    dict
+        ``row`` (local query index), ``idx`` (global training index), ``dist``
+        (exact key): one entry per pair found, in no particular order.
+
+    Examples
+    --------
+    >>> q = prepare_queries(np.zeros((1, 1)))
+    >>> radius_steps(q, [(0, np.array([[1.0], [3.0], [0.5]]))], 1.0)["idx"].tolist()
+    [0, 2]
+    """
+    n = queries["x64"].shape[0]
+    found = {"row": [], "idx": [], "dist": []}
+    total = 0
+    manhattan = queries.get("metric") == "manhattan"
+    ranked = (_exact_block_steps(queries, steps) if manhattan else _ranked_steps(queries, steps, shift, work))
+    big = np.finfo(np.float64).eps * 4
+    for offset, Y, S, err in ranked:
+        if manhattan:
+            rows, cols = np.nonzero(S <= max_key)
+            d = S[rows, cols]
+        else:
+            t = max_key - queries["xn"] + err
+            t += big * (abs(max_key) + queries["xn"] + err)
+            thr = np.nextafter(t.astype(S.dtype), np.inf)
+            mask = np.less_equal(S, thr[:, None], out=scratch(work, "mask", S.shape, np.bool_))
+            rows, cols = np.divmod(np.flatnonzero(mask), Y.shape[0])
+            d = _exact_pairs(queries, Y, rows, cols, work)
+            keep = d <= max_key
+            rows, cols, d = rows[keep], cols[keep], d[keep]
+        total += rows.size
+        if max_pairs is not None and total > max_pairs:
+            counts = np.bincount(np.concatenate(found["row"] + [rows]), minlength=n)
+            raise BallTooLarge(int(np.argmax(counts)) + queries["offset"], int(counts.max()), int(max_pairs))
+        found["row"].append(rows.astype(np.int64))
+        found["idx"].append(cols.astype(np.int64) + np.int64(offset))
+        found["dist"].append(d.astype(np.float64))
+    return {key: np.concatenate(v) if v else np.empty(0, np.float64 if key == "dist" else np.int64)
+            for key, v in found.items()}
+
+
+def _exact_block_steps(queries, steps):
+    """Per step ``(offset, rows, D, 0)``: exact ``"manhattan"`` keys of every pair."""
+    bad = []
+    for offset, Y in steps:
+        Y = np.asarray(Y)
+        if Y.shape[0] == 0:
+            continue
+        unfit = _unfit_rows(row_norms_sq(Y), np.float64)
+        if unfit.size or bad:
+            bad.append(unfit + offset)
+            continue
+        yield offset, Y, exact_keys(queries["x64"], Y, "manhattan"), 0.0
+    if bad:
+        raise NonFiniteRows(np.concatenate(bad))
+
+
+class BallTooLarge(ValueError):
+    """A radius query's ball holds more training rows than its budget lets it keep.
+
+    ``row`` is the global index of the query with the most rows found so far,
+    ``count`` how many it had, ``limit`` the pairs allowed for its query block.
+    """
+
+    def __init__(self, row, count, limit):
+        self.row, self.count, self.limit = int(row), int(count), int(limit)
+        super().__init__(f"query row {row} has at least {count} training rows within the radius; "
+                         f"its block may keep {limit}")
 
 
 def _merge_pairs(best_d, best_i, rows, dist, idx, k):
@@ -652,8 +889,88 @@ def exact_sq_pairs(X, Y, rows, cols, work=None):
     return out
 
 
-def exact_topk_block(X, Y, k, offset=0):
-    """The ``k`` nearest rows of a block by exact float64 differences (no GEMM).
+def exact_ip_pairs(X, Y, rows, cols, work=None, normalize=False):
+    """Exact ranking keys ``-X[rows[p]] . Y[cols[p]]`` for every p, in float64.
+
+    The products of float32 or integer values are exact in float64 and summed in
+    float64.  ``normalize=True`` divides each by ``||Y[cols[p]]||`` (0 for a zero
+    row): with unit rows ``X`` that is the cosine key ``-cos(x, y)``.
+
+    Examples
+    --------
+    >>> exact_ip_pairs(np.array([[1.0, 2.0]]), np.array([[3.0, 4.0]]), np.array([0]), np.array([0]))
+    array([-11.])
+    """
+    X, Y = np.asarray(X), np.asarray(Y)
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    P = rows.size
+    out = np.empty(P, dtype=np.float64)
+    if P == 0:
+        return out
+    d = X.shape[1]
+    step = int(min(P, max(1, _RERANK_BYTES // max(1, d * 8))))
+    G = scratch(work, "pairs_g", (step, d))
+    G_in = None if Y.dtype == np.float64 else scratch(work, "pairs_in", (step, d), Y.dtype)
+    H = scratch(work, "pairs_h", (step, d))
+    for s in range(0, P, step):
+        e = min(s + step, P)
+        g, h = G[:e - s], H[:e - s]
+        if G_in is None:
+            np.take(Y, cols[s:e], axis=0, out=g, mode="clip")
+        else:
+            np.take(Y, cols[s:e], axis=0, out=G_in[:e - s], mode="clip")
+            g[...] = G_in[:e - s]
+        np.take(X, rows[s:e], axis=0, out=h, mode="clip")
+        dot = np.matmul(g[:, None, :], h[:, :, None])[:, 0, 0]
+        if normalize:
+            dot *= _inverse_norms(np.matmul(g[:, None, :], g[:, :, None])[:, 0, 0])
+        out[s:e] = -dot
+    return out
+
+
+def exact_keys(X, Y, metric="sqeuclidean"):
+    """The exact ranking key of every pair of rows, float64, shape (n_x, n_y).
+
+    ``X`` as :func:`prepare_queries` keeps it (``x64``: unit rows for ``"cosine"``),
+    ``Y`` as stored.  For few rows only (the always-exact path): cost
+    ``n_x * n_y * n_features``, no GEMM.
+
+    Examples
+    --------
+    >>> exact_keys(np.array([[0.0, 0.0]]), np.array([[3.0, 4.0]]), "manhattan")
+    array([[7.]])
+    """
+    X, Y = np.asarray(X, dtype=np.float64), np.asarray(Y)
+    n, m = X.shape[0], Y.shape[0]
+    if metric == "manhattan":
+        from scipy.spatial.distance import cdist  # compiled and vectorised; loaded only here
+
+        return cdist(X, np.asarray(Y, dtype=np.float64), "cityblock")
+    cols = np.broadcast_to(np.arange(m), (n, m)).reshape(-1)
+    rows = np.repeat(np.arange(n), m)
+    if metric == "sqeuclidean":
+        return exact_sq_pairs(X, Y, rows, cols).reshape(n, m)
+    return exact_ip_pairs(X, Y, rows, cols, normalize=metric == "cosine").reshape(n, m)
+
+
+def _exact_steps(queries, steps, k, board=None):
+    """:func:`knn_steps` by exact keys only (``"manhattan"``: no GEMM to rank by).
+
+    Each step's (n_queries, rows) block of exact distances is computed at once by
+    SciPy's compiled ``cdist`` and its ``k`` best merged into the running lists.
+    """
+    n, k = queries["x64"].shape[0], int(k)
+    best = (np.full((n, k), np.inf), np.full((n, k), _NO_ROW, dtype=np.int64))
+    seen = 0
+    for offset, Y, D, _ in _exact_block_steps(queries, steps):
+        seen += Y.shape[0]
+        best = merge_topk(best, topk_block(D, k, offset), k)
+    width = min(k, seen)
+    return {"dist": best[0][:, :width], "idx": best[1][:, :width], "bound": np.full(n, np.inf)}
+
+
+def exact_topk_block(X, Y, k, offset=0, metric="sqeuclidean"):
+    """The ``k`` nearest rows of a block by exact float64 keys (no GEMM).
 
     The slow, always-exact path for the few queries whose approximate stage could not
     be certified.  Cost: ``n_rows * n_y * n_features``.
@@ -669,11 +986,13 @@ def exact_topk_block(X, Y, k, offset=0):
     array([[1]])
     """
     X = np.asarray(X)
+    if metric == "cosine":  # unit query rows, as prepare_queries keeps them
+        X = np.asarray(X, dtype=np.float64) * _inverse_norms(row_norms_sq(X))[:, None]
     n, m = X.shape[0], np.asarray(Y).shape[0]
     D = np.empty((n, m))
     for s in range(0, m, 256):
         e = min(s + 256, m)
-        D[:, s:e] = exact_sq_distances(X, Y[s:e], np.broadcast_to(np.arange(e - s), (n, e - s)))
+        D[:, s:e] = exact_keys(X, Y[s:e], metric)
     dist, idx = topk_block(D, k, offset)
     return {"dist": dist, "idx": idx, "bound": np.full(n, np.inf)}
 
@@ -769,12 +1088,7 @@ def vote(neighbor_labels, neighbor_dist, classes, weights="uniform"):
         return classes[pred], proba
     if weights != "distance":
         raise ValueError(f"weights={weights!r}; choose 'uniform' or 'distance'")
-    dist = np.asarray(neighbor_dist, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        w = 1.0 / dist
-    inf_mask = np.isinf(w)
-    inf_row = inf_mask.any(axis=1)
-    w[inf_row] = inf_mask[inf_row]
+    w = neighbour_weights(neighbor_dist, "distance")
     # predict: scikit-learn's weighted_mode sums a masked copy of the weights along
     # each row and keeps the first maximum; same sums, same order, same ties.
     score = np.empty((n, C))
@@ -789,3 +1103,73 @@ def vote(neighbor_labels, neighbor_dist, classes, weights="uniform"):
     norm[norm == 0.0] = 1.0
     proba /= norm
     return classes[pred], proba
+
+
+def neighbour_weights(dist, weights="uniform"):
+    """scikit-learn's neighbour weights: None (uniform) or 1 / distance.
+
+    A row with neighbours at distance 0 gives those weight 1 and the others 0.
+
+    Examples
+    --------
+    >>> neighbour_weights(np.array([[0.5, 2.0], [0.0, 1.0]]), "distance")
+    array([[2. , 0.5],
+           [1. , 0. ]])
+    """
+    if weights == "uniform":
+        return None
+    with np.errstate(divide="ignore"):
+        w = 1.0 / np.asarray(dist, dtype=np.float64)
+    inf_mask = np.isinf(w)
+    inf_row = inf_mask.any(axis=1)
+    w[inf_row] = inf_mask[inf_row]
+    return w
+
+
+def regress(neighbor_targets, neighbor_dist, weights="uniform"):
+    """Mean (or 1 / distance weighted mean) of the neighbours' targets, as scikit-learn's regressor.
+
+    Parameters
+    ----------
+    neighbor_targets : ndarray of shape (n_rows, k) or (n_rows, k, n_outputs)
+    neighbor_dist : ndarray of shape (n_rows, k)
+    weights : {"uniform", "distance"}
+
+    Returns
+    -------
+    ndarray of shape (n_rows,) or (n_rows, n_outputs), float64
+
+    Examples
+    --------
+    >>> regress(np.array([[1.0, 3.0]]), np.array([[1.0, 3.0]]), "distance")
+    array([1.5])
+    """
+    y = np.asarray(neighbor_targets, dtype=np.float64)
+    flat = y.ndim == 2
+    if flat:
+        y = y[:, :, None]
+    w = neighbour_weights(neighbor_dist, weights)
+    if w is None:
+        pred = np.mean(y, axis=1)
+    else:
+        pred = np.einsum("nko,nk->no", y, w) / np.sum(w, axis=1)[:, None]
+    return pred[:, 0] if flat else pred
+
+
+def r2(y_true, y_pred):
+    """scikit-learn's ``r2_score`` (outputs averaged uniformly; a constant target scores 1 if matched, else 0).
+
+    Examples
+    --------
+    >>> r2(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
+    0.5
+    """
+    yt = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    yp = np.asarray(y_pred, dtype=np.float64).reshape(yt.shape)
+    num = ((yt - yp) ** 2).sum(axis=0)
+    den = ((yt - yt.mean(axis=0)) ** 2).sum(axis=0)
+    score = np.ones(yt.shape[1])
+    ok = den != 0
+    score[ok] = 1 - num[ok] / den[ok]
+    score[~ok & (num != 0)] = 0.0
+    return float(np.mean(score))
