@@ -724,7 +724,9 @@ class _Neighbors(BaseEstimator):
         if not _is_whole(k) or k < 1:
             raise InputError(f"n_neighbors={k!r} must be a whole number >= 1")
         if X is None:
-            _check_k(k + 1, self.n_samples_fit_)
+            if k >= self.n_samples_fit_:
+                raise InputError(f"n_neighbors={k} is out of range for the training set itself: each of its rows "
+                                 f"has {self.n_samples_fit_ - 1} other rows")
             dist, ind = self._neighbors(self._fit_X, int(k) + 1)
             dist, ind = _drop_self(dist, ind)
         else:
