@@ -658,7 +658,7 @@ class _LastPass:
 
 
 class _Neighbors(BaseEstimator):
-    """What every neighbours estimator shares: the training set by reference, queries, graphs.
+    """What every neighbours estimator shares: the training set by reference, k-NN queries and graphs.
 
     ``fit`` keeps a reference to the training set (an array, a dask or Zarr array,
     a Dataset or a URL): no pass over it.  Every query streams it out of core.
@@ -771,48 +771,6 @@ class _Neighbors(BaseEstimator):
         data = np.ones(n * k) if mode == "connectivity" else dist.ravel()
         return sp.csr_matrix((data, ind.ravel(), np.arange(0, n * k + 1, k)), shape=(n, self.n_samples_fit_))
 
-    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
-        """Every training row within ``radius`` of each row of ``X`` (see :func:`radius_neighbors`).
-
-        ``X=None``: the training set, each row not its own neighbour.  ``radius``
-        defaults to ``self.radius``.  Rows are always sorted, nearest first.
-
-        Returns
-        -------
-        dist : ndarray of shape (n_query,), dtype object
-            Only if ``return_distance``.
-        ind : ndarray of shape (n_query,), dtype object
-        """
-        indptr, ind, dist = self._radius(X, radius)
-        return _ragged(indptr, ind, dist, return_distance)
-
-    def _radius(self, X, radius):
-        self._check_fitted()
-        self._validate_params()
-        radius = _check_radius(getattr(self, "radius", 1.0) if radius is None else radius)
-        query = self._fit_X if X is None else self._query_set(X)
-        indptr, ind, keys = _radius_csr(query, self._fit_X, radius, self.metric, self.memory_budget)
-        dist = _topk.distances_from_keys(keys, self.metric)
-        if X is None:
-            rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
-            keep = ind != rows
-            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=indptr.size - 1))])
-            ind, dist = ind[keep], dist[keep]
-        return indptr, ind, dist
-
-    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity", sort_results=False):
-        """The radius graph as a ``scipy.sparse.csr_matrix`` of shape (n_query, n_samples_fit).
-
-        ``mode``: ``"connectivity"`` (entries 1) or ``"distance"``; see
-        :meth:`radius_neighbors`.
-        """
-        import scipy.sparse as sp
-
-        _check_mode(mode)
-        indptr, ind, dist = self._radius(X, radius)
-        data = np.ones(ind.size) if mode == "connectivity" else dist
-        return sp.csr_matrix((data, ind, indptr), shape=(indptr.size - 1, self.n_samples_fit_))
-
 
 def _check_mode(mode):
     if mode not in ("connectivity", "distance"):
@@ -876,6 +834,48 @@ class NearestNeighbors(_Neighbors):
         """
         self._fit_set(X)
         return self
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
+        """Every training row within ``radius`` of each row of ``X`` (see :func:`radius_neighbors`).
+
+        ``X=None``: the training set, each row not its own neighbour.  ``radius``
+        defaults to ``self.radius``.  Rows are always sorted, nearest first.
+
+        Returns
+        -------
+        dist : ndarray of shape (n_query,), dtype object
+            Only if ``return_distance``.
+        ind : ndarray of shape (n_query,), dtype object
+        """
+        indptr, ind, dist = self._radius(X, radius)
+        return _ragged(indptr, ind, dist, return_distance)
+
+    def _radius(self, X, radius):
+        self._check_fitted()
+        self._validate_params()
+        radius = _check_radius(self.radius if radius is None else radius)
+        query = self._fit_X if X is None else self._query_set(X)
+        indptr, ind, keys = _radius_csr(query, self._fit_X, radius, self.metric, self.memory_budget)
+        dist = _topk.distances_from_keys(keys, self.metric)
+        if X is None:
+            rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+            keep = ind != rows
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=indptr.size - 1))])
+            ind, dist = ind[keep], dist[keep]
+        return indptr, ind, dist
+
+    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity", sort_results=False):
+        """The radius graph as a ``scipy.sparse.csr_matrix`` of shape (n_query, n_samples_fit).
+
+        ``mode``: ``"connectivity"`` (entries 1) or ``"distance"``; see
+        :meth:`radius_neighbors`.
+        """
+        import scipy.sparse as sp
+
+        _check_mode(mode)
+        indptr, ind, dist = self._radius(X, radius)
+        data = np.ones(ind.size) if mode == "connectivity" else dist
+        return sp.csr_matrix((data, ind, indptr), shape=(indptr.size - 1, self.n_samples_fit_))
 
 
 class KNeighborsClassifier(_Neighbors):
