@@ -1,4 +1,4 @@
-"""Exact k nearest neighbours out of core: streaming top-k, kneighbors, a classifier.
+"""Exact neighbours out of core: streaming top-k and radius queries, the neighbours estimators.
 
 Graph (no numerics here; the kernels are in :mod:`pipeline.kernels.topk`), plain dask
 with no dask.array, whose import (and the scipy modules it loads) would cost about
@@ -22,6 +22,14 @@ array read inside the tasks, an in-memory array (one key) or a dask array's bloc
 * ``pipeline-knn-merge``: a tree (chunk / combine / aggregate) merges the partial
   lists of each query block; ``merge_knn`` is associative and commutative, so
   ``split_every`` changes only the tree, not the result.
+
+Metrics (``metric=``): the tasks rank by the kernels' keys
+(:data:`pipeline.kernels.topk.KEYS`): squared distances for ``"euclidean"`` (centred
+on the shift), negated inner products for ``"ip"`` and ``"cosine"`` (unit rows; no
+shift, products are not translation invariant), exact L1 for ``"manhattan"``;
+:func:`pipeline.kernels.topk.distances_from_keys` turns keys into the distances
+returned.  Radius queries (``pipeline-radius-*`` tasks) use the same steps and keep
+every row within the radius, as CSR rows merged by a tree.
 
 The plan prefers one query block holding every query (the training set is read
 exactly once).  A query whose k-th exact distance is not strictly below the bound of

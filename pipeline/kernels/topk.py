@@ -17,6 +17,12 @@ dropped by the threshold are provably worse than ``k`` listed rows and need none
 After the last merge a row whose k-th exact distance lies strictly below its bound is
 certified exact; the few others (exact or near ties across the margin) are recomputed
 by :func:`exact_topk_block` with exact differences against every training row.
+
+Other metrics rank by other keys (:data:`KEYS`): the negated inner product (``"ip"``)
+and the negated cosine similarity (``"cosine"``: unit rows) by the same GEMM steps,
+with the bound of the product's rounding and an exact float64 re-rank of products;
+``"manhattan"`` by exact L1 blocks (no GEMM).  :func:`radius_steps` keeps every row
+whose exact key is within a radius instead of the ``k`` best.
 """
 
 from __future__ import annotations
