@@ -858,41 +858,47 @@ def exact_sq_pairs(X, Y, rows, cols, work=None):
     >>> exact_sq_pairs(np.zeros((1, 2)), np.array([[1.0, 1.0], [3.0, 4.0]]), np.array([0, 0]), np.array([1, 0]))
     array([25.,  2.])
     """
-    X = np.asarray(X)
-    Y = np.asarray(Y)
-    rows = np.asarray(rows)
-    cols = np.asarray(cols)
-    P = rows.size
-    out = np.empty(P, dtype=np.float64)
-    if P == 0:
-        return out
-    d = X.shape[1]
-    # Pairs per step: the gathered float64 rows stay about _RERANK_BYTES (cache sized).
-    step = int(min(P, max(1, _RERANK_BYTES // max(1, d * 8))))
-    # Buffers reused by every step (and, with ``work``, by the next call): fresh
-    # allocations of a few MiB would each be a new mmap, page-faulted again.
-    G = scratch(work, "pairs_g", (step, d))
-    G_in = None if Y.dtype == np.float64 else scratch(work, "pairs_in", (step, d), Y.dtype)
-    H = scratch(work, "pairs_h", (step, d))
-    # take(mode="clip"): the indices are valid by construction, and the default
-    # mode="raise" writes through a temporary copy of ``out`` (a fresh allocation).
-    for s in range(0, P, step):
-        e = min(s + step, P)
-        g = G[:e - s]
-        if G_in is None:
-            np.take(Y, cols[s:e], axis=0, out=g, mode="clip")
-        else:
-            np.take(Y, cols[s:e], axis=0, out=G_in[:e - s], mode="clip")
-            g[...] = G_in[:e - s]  # exact: float32 and integers fit float64
-        h = H[:e - s]
-        if X.dtype == np.float64:
-            np.take(X, rows[s:e], axis=0, out=h, mode="clip")
-        else:
-            h[...] = X[rows[s:e]]
+    out = np.empty(np.asarray(rows).size, dtype=np.float64)
+    for s, e, g, h in _gathered_pairs(X, Y, rows, cols, work):
         g -= h
         # Batched dot of each difference with itself: float64 accumulation.
         out[s:e] = np.matmul(g[:, None, :], g[:, :, None])[:, 0, 0]
     return out
+
+
+def _gathered_pairs(X, Y, rows, cols, work=None):
+    """Per slice ``s:e`` of the pairs, ``(s, e, Y[cols[s:e]], X[rows[s:e]])`` as float64 buffers.
+
+    Slices of about ``_RERANK_BYTES`` of gathered rows (cache sized); the buffers are
+    reused by every slice (and, with ``work``, by the next call): fresh allocations of
+    a few MiB would each be a new mmap, page-faulted again.  Float32 and integer values
+    are exact in float64.
+    """
+    X, Y = np.asarray(X), np.asarray(Y)
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    P = rows.size
+    if P == 0:
+        return
+    d = X.shape[1]
+    step = int(min(P, max(1, _RERANK_BYTES // max(1, d * 8))))
+    G = scratch(work, "pairs_g", (step, d))
+    G_in = None if Y.dtype == np.float64 else scratch(work, "pairs_in", (step, d), Y.dtype)
+    H = scratch(work, "pairs_h", (step, d))
+    # take(mode="clip"): the indices are valid by construction, and the default
+    # mode="raise" writes through a temporary copy of the output (a fresh allocation).
+    for s in range(0, P, step):
+        e = min(s + step, P)
+        g, h = G[:e - s], H[:e - s]
+        if G_in is None:
+            np.take(Y, cols[s:e], axis=0, out=g, mode="clip")
+        else:
+            np.take(Y, cols[s:e], axis=0, out=G_in[:e - s], mode="clip")
+            g[...] = G_in[:e - s]
+        if X.dtype == np.float64:
+            np.take(X, rows[s:e], axis=0, out=h, mode="clip")
+        else:
+            h[...] = X[rows[s:e]]
+        yield s, e, g, h
 
 
 def exact_ip_pairs(X, Y, rows, cols, work=None, normalize=False):
@@ -907,26 +913,8 @@ def exact_ip_pairs(X, Y, rows, cols, work=None, normalize=False):
     >>> exact_ip_pairs(np.array([[1.0, 2.0]]), np.array([[3.0, 4.0]]), np.array([0]), np.array([0]))
     array([-11.])
     """
-    X, Y = np.asarray(X), np.asarray(Y)
-    rows, cols = np.asarray(rows), np.asarray(cols)
-    P = rows.size
-    out = np.empty(P, dtype=np.float64)
-    if P == 0:
-        return out
-    d = X.shape[1]
-    step = int(min(P, max(1, _RERANK_BYTES // max(1, d * 8))))
-    G = scratch(work, "pairs_g", (step, d))
-    G_in = None if Y.dtype == np.float64 else scratch(work, "pairs_in", (step, d), Y.dtype)
-    H = scratch(work, "pairs_h", (step, d))
-    for s in range(0, P, step):
-        e = min(s + step, P)
-        g, h = G[:e - s], H[:e - s]
-        if G_in is None:
-            np.take(Y, cols[s:e], axis=0, out=g, mode="clip")
-        else:
-            np.take(Y, cols[s:e], axis=0, out=G_in[:e - s], mode="clip")
-            g[...] = G_in[:e - s]
-        np.take(X, rows[s:e], axis=0, out=h, mode="clip")
+    out = np.empty(np.asarray(rows).size, dtype=np.float64)
+    for s, e, g, h in _gathered_pairs(X, Y, rows, cols, work):
         dot = np.matmul(g[:, None, :], h[:, :, None])[:, 0, 0]
         if normalize:
             dot *= _inverse_norms(np.matmul(g[:, None, :], g[:, :, None])[:, 0, 0])
