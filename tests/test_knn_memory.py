@@ -5,6 +5,7 @@ budget four times smaller, and the peak resident set above an idle process (same
 imports, nothing run) must stay inside the budget.
 """
 
+import numpy as np
 import pytest
 
 import pipeline as pl
@@ -49,4 +50,34 @@ def test_distances_to_zarr_peak_rss_inside_budget(train_on_disk, tmp_path):
         write_distances({test!r}, {train!r}, {out_url!r}, memory_budget={BUDGET})
     """)
     print(f"distances: peak above idle {grew / 2**20:.1f} MiB, budget {BUDGET / 2**20:.0f} MiB")
+    assert grew <= BUDGET
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "manhattan"])
+def test_other_metrics_peak_rss_inside_budget(train_on_disk, metric):
+    test, train = train_on_disk
+    grew, out = run_measured(f"""
+        import pipeline as pl
+        dist, ind = pl.kneighbors({test!r}, {train!r}, 5, metric={metric!r}, memory_budget={BUDGET})
+        print("SHAPE", ind.shape, int(ind.max()))
+    """)
+    assert "SHAPE (200, 5)" in out
+    print(f"{metric}: peak above idle {grew / 2**20:.1f} MiB, budget {BUDGET / 2**20:.0f} MiB")
+    assert grew <= BUDGET
+
+
+def test_radius_graph_peak_rss_inside_budget(train_on_disk):
+    test, train = train_on_disk
+    # The smallest distance to a 20th neighbour: 20 rows in that query's ball, at most
+    # 20 in every other's (ball sizes differ by orders of magnitude between queries).
+    radius = float(pl.kneighbors(test, train, 20, metric="cosine", memory_budget=BUDGET)[0][:, -1].min())
+    grew, out = run_measured(f"""
+        import numpy as np, pipeline as pl
+        nn = pl.NearestNeighbors(metric="cosine", memory_budget={BUDGET}).fit({train!r})
+        G = nn.radius_neighbors_graph({test!r}, radius={radius!r})
+        print("NNZ", G.nnz, G.shape)
+    """)
+    nnz = int(out.split("NNZ")[1].split()[0])
+    assert 20 <= nnz <= 4000
+    print(f"radius graph: {nnz} entries, peak above idle {grew / 2**20:.1f} MiB, budget {BUDGET / 2**20:.0f} MiB")
     assert grew <= BUDGET
