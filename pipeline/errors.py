@@ -4,10 +4,10 @@ The CLI maps :class:`InputError` to exit status 2 (bad input or usage) and every
 other :class:`PipelineError` to exit status 1 (a failure while running).
 
 Where scikit-learn has a class for the same event (``NotFittedError``,
-``ConvergenceWarning``), what ``pipeline`` raises or warns is also an instance of
-scikit-learn's class whenever scikit-learn is imported in the process
-(:func:`sklearn_flavoured`), so users' ``except`` clauses and warning filters work;
-``import pipeline`` itself never loads scikit-learn.
+``ConvergenceWarning``, ``DataConversionWarning``), what ``pipeline`` raises or warns
+is also an instance of scikit-learn's class whenever scikit-learn is imported in the
+process (:func:`sklearn_flavoured`), so users' ``except`` clauses and warning filters
+work; ``import pipeline`` itself never loads scikit-learn.
 """
 
 import functools
@@ -22,6 +22,13 @@ class InputError(PipelineError, ValueError):
     """Bad input: the message names what is wrong and what would be right."""
 
 
+class InputTypeError(InputError, TypeError):
+    """Input values of a type that cannot be used (an object array holding a dict).
+
+    Also a ``TypeError``, as NumPy's and scikit-learn's conversions raise for them.
+    """
+
+
 class BudgetError(InputError):
     """A memory budget that cannot be parsed, or is too small for the operation."""
 
@@ -32,6 +39,14 @@ class DataError(PipelineError):
 
 class NotFittedError(InputError, AttributeError):
     """An estimator used before ``fit``: a ``ValueError`` and an ``AttributeError``, as scikit-learn's."""
+
+
+class DataConversionWarning(UserWarning):
+    """Input converted to what an estimator needs (a column-vector y raveled to 1-D).
+
+    Also scikit-learn's ``DataConversionWarning`` when scikit-learn is imported
+    (:func:`sklearn_flavoured`): its filters apply.
+    """
 
 
 @functools.cache

@@ -2,8 +2,9 @@
 
 Every X or Y accepts a NumPy array (or anything ``np.asarray`` takes), a dask array, a
 Zarr array, a :class:`~pipeline.store.Dataset` or a dataset URL / path; :func:`as_rows`
-makes it a :class:`RowSource` with one set of checks and messages, and labels go
-through :func:`as_labels`.  A row source hands tasks their rows without dask.array
+makes it a :class:`RowSource` with one set of checks and messages; labels go through
+:func:`as_labels` (a classifier's through :func:`as_classes`), regression targets
+through :func:`as_targets`.  A row source hands tasks their rows without dask.array
 (whose import, with the scipy modules it loads, costs about half a second): a Zarr
 array is read inside the tasks that use it, an in-memory array is one graph key that
 tasks slice, a dask array gives its blocks.
@@ -12,17 +13,20 @@ tasks slice, a dask array gives its blocks.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import DataConversionWarning, InputError, InputTypeError, sklearn_flavoured
 from .store.datasets import Dataset, open_dataset
 from .store.reads import check_safe, read_block, take_rows
 from .store.results import content_identity
 
-__all__ = ["RowSource", "as_rows", "as_labels", "as_targets", "rows_of", "check_same_features",
+__all__ = ["RowSource", "as_rows", "as_labels", "as_classes", "as_targets", "rows_of", "check_same_features",
            "check_metric"]
+
+_CHECK_BYTES = 16 * 2**20  # rows scanned at a time by RowSource.check_finite
 
 
 class RowSource:
@@ -74,6 +78,9 @@ class RowSource:
                 data = np.asarray(data)
                 if data.dtype == object:  # numbers held as objects (lists of Python numbers, pandas)
                     data = data.astype(np.float64)
+            except TypeError as e:  # values no number is made of (a dict, None): NumPy's TypeError, kept
+                raise InputTypeError(f"{name} cannot be read as an array of numbers: {e}; convert or encode "
+                                     "its non-numeric values first") from None
             except Exception as e:  # noqa: BLE001 - anything unconvertible is bad input
                 raise InputError(f"{name} cannot be read as an array of numbers: {e}") from None
             self.kind = "numpy"
@@ -119,6 +126,26 @@ class RowSource:
     def identity(self) -> str:
         """What the whole input is, by content (:func:`pipeline.store.content_identity`)."""
         return content_identity(self.dataset if self.dataset is not None else self.data)
+
+    def check_finite(self):
+        """Raise :class:`InputError` naming the rows with NaN or inf, for in-memory rows only.
+
+        An in-memory array is scanned in slices of ~16 MiB (a bool temporary of a
+        slice, not of the array).  A Zarr or dask input is not read: that would be a
+        pass over data that may not fit in memory, and the tasks that use its rows
+        check them (the k-NN kernels, per block).
+        """
+        if self.kind != "numpy" or not np.issubdtype(self.dtype, np.floating):
+            return
+        step = max(1, _CHECK_BYTES // max(1, self.shape[1] * self.dtype.itemsize))
+        bad = []
+        for a in range(self.lo, self.hi, step):
+            block = self.data[a:min(a + step, self.hi)]
+            if not np.isfinite(block).all():
+                bad.append(np.flatnonzero(~np.isfinite(block).all(axis=1)) + (a - self.lo))
+        if bad:
+            raise InputError(f"{self.name} has NaN or infinite values in row(s) {_row_list(np.concatenate(bad))}; "
+                             "remove or impute those rows")
 
     def take(self, idx):
         """Rows ``idx`` (relative) as a NumPy array: a few rows, read with the checks of any read."""
@@ -209,12 +236,36 @@ def check_same_features(X, Y):
                          "the same number of columns")
 
 
+def _row_list(rows, most=10):
+    """Row indices for a message: the first ``most``, then how many more."""
+    shown = ", ".join(str(int(r)) for r in rows[:most])
+    return shown + (f" and {rows.size - most} more" if rows.size > most else "")
+
+
+def _check_finite_values(values, name, what):
+    """Refuse NaN and infinite values of a y, in scikit-learn's words ("Input y contains NaN")."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))
+    kind = "NaN" if np.isnan(values).any() else f"infinity or a value too large for dtype({values.dtype.name!r})"
+    raise InputError(f"Input {name} contains {kind}, in row(s) {_row_list(rows)}; remove or impute those {what}")
+
+
 def as_labels(y, n, name="y"):
     """Labels as a 1-D NumPy array of length ``n`` (8 bytes a row: held in memory).
 
     ``y`` is an array-like, a dask array, a Dataset or URL (its ``y``), or a RowSource
     of a dataset.
     """
+    y = _in_memory(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise InputError(f"{name} has shape {y.shape}; expected ({n},), one label per row of X")
+    return y
+
+
+def _in_memory(y):
+    """Any accepted y as a NumPy array, as it is (a dataset's labels read whole)."""
     import dask
 
     if isinstance(y, RowSource):
@@ -227,10 +278,57 @@ def as_labels(y, n, name="y"):
         y = y.y_zarr[...]
     if dask.is_dask_collection(y):
         y = y.compute()
-    y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise InputError(f"{name} has shape {y.shape}; expected ({n},), one label per row of X")
-    return y
+    return np.asarray(y)
+
+
+def as_classes(y, n, name="y"):
+    """A classifier's labels: the sorted classes and each row's index into them.
+
+    ``y`` as :func:`as_labels`; a column vector (n, 1) is raveled with a
+    ``DataConversionWarning`` (scikit-learn's class when it is imported).  Labels may
+    be strings or numbers; floats must be whole and finite (float class codes such
+    as 0.0, 1.0 are fine).
+
+    Returns
+    -------
+    classes : ndarray of shape (n_classes,)
+    codes : ndarray of shape (n,), int64
+
+    Raises
+    ------
+    InputError
+        A ``y`` of another shape, NaN or infinite labels, continuous values ("Unknown
+        label type: continuous"), or an object array mixing strings and other values.
+    """
+    y = _in_memory(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        # scikit-learn's wording and class: its users and checks recognise both.
+        warnings.warn("A column-vector y was passed when a 1d array was expected. Please change the shape of y "
+                      "to (n_samples, ), for example using ravel().",
+                      sklearn_flavoured(DataConversionWarning, "DataConversionWarning"), stacklevel=3)
+        y = y.ravel()
+    y = as_labels(y, n, name)
+    values = y
+    if y.dtype == object:
+        strings = sum(isinstance(v, str) for v in y)
+        if strings == 0:  # Python numbers held as objects: checked as numbers below
+            try:
+                values = y.astype(np.float64)
+            except (TypeError, ValueError):
+                values = None
+        if values is None or 0 < strings < y.size:
+            raise InputError(f"Unknown label type: {name} mixes strings with other values, or holds values that "
+                             "are neither; pass labels that are all strings or all numbers")
+    if values.dtype.kind == "c":
+        raise InputError(f"Unknown label type: {name} has complex values; pass strings or whole numbers as labels")
+    if values.dtype.kind == "f":
+        _check_finite_values(values, name, "labels")
+        if not np.array_equal(values, np.round(values)):
+            raise InputError(f"Unknown label type: continuous; {name} holds non-integer numbers, but a classifier "
+                             "needs discrete class labels: use KNeighborsRegressor for continuous targets, or bin "
+                             "them into classes")
+    classes, codes = np.unique(y, return_inverse=True)
+    return classes, codes.astype(np.int64, copy=False)
 
 
 def as_targets(y, n, name="y"):
@@ -248,8 +346,7 @@ def as_targets(y, n, name="y"):
         raise InputError(f"{name} must hold numbers (regression targets)") from None
     if y.ndim not in (1, 2) or y.shape[0] != n:
         raise InputError(f"{name} has shape {y.shape}; expected ({n},) or ({n}, n_outputs), one row per row of X")
-    if not np.isfinite(y).all():
-        raise InputError(f"Input {name} contains NaN or infinity; remove or impute those targets")
+    _check_finite_values(y, name, "targets")
     return y
 
 

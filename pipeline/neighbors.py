@@ -49,7 +49,7 @@ import numpy as np
 from .budget import align_rows, cost_knn, parse_budget, plan
 from .errors import InputError, NotFittedError, sklearn_flavoured
 from .estimator import BaseEstimator
-from .inputs import as_labels, as_rows, as_targets, check_metric, check_same_features, rows_of
+from .inputs import as_classes, as_labels, as_rows, as_targets, check_metric, check_same_features, rows_of
 from .kernels import topk as _topk
 from .runtime import compute, dask_threads, delayed_of, reduce_tree, thread_buffers, thread_work
 from .store.results import ResultWriter, job_fingerprint
@@ -66,9 +66,8 @@ def _check_k(k, n_train, name="n_neighbors"):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise InputError(f"{name}={k!r} must be a whole number between 1 and the training set size ({n_train})")
     if k < 1 or k > n_train:
-        raise InputError(
-            f"{name}={k} is out of range: it must be between 1 and the number of training rows ({n_train})"
-        )
+        raise InputError(f"{name}={k} is out of range: it must be between 1 and the number of training samples, "
+                         f"and the training set has {n_train} sample{'' if n_train == 1 else 's'}")
     return int(k)
 
 
@@ -684,9 +683,14 @@ class _Neighbors(BaseEstimator):
                              "(larger is nearer); use weights='uniform' or metric='cosine'")
 
     def _fit_set(self, X):
-        """Validate and remember the training set; returns it as a row source."""
+        """Validate and remember the training set; returns it as a row source.
+
+        In-memory rows are checked for NaN and inf here (one cheap scan); a store or
+        dask array is not read by fit, its rows are checked by the query tasks.
+        """
         self._validate_params()
         source = as_rows(X, "X")
+        source.check_finite()
         self._fit_X = source.dataset if source.dataset is not None else X  # a URL is opened once
         self.n_samples_fit_ = int(source.shape[0])
         self.n_features_in_ = int(source.shape[1])
@@ -936,7 +940,9 @@ class KNeighborsClassifier(_Neighbors):
         ----------
         X : array-like of shape (n_train, n_features), Dataset or URL
         y : array-like of shape (n_train,), optional
-            Labels; a Dataset or URL with labels ``y`` provides its own.
+            Labels (strings or whole numbers; a column vector (n_train, 1) is raveled
+            with a ``DataConversionWarning``); a Dataset or URL with labels ``y``
+            provides its own.
 
         Returns
         -------
@@ -951,10 +957,10 @@ class KNeighborsClassifier(_Neighbors):
                 "KNeighborsClassifier requires y to be passed, but the target y is None: pass the training "
                 "labels, or a dataset that holds labels 'y'"
             )
-        labels = as_labels(y, source.shape[0])
+        classes, codes = as_classes(y, source.shape[0])
         _check_k(self.n_neighbors, source.shape[0])
         self._fit_set(source.dataset if source.dataset is not None else X)
-        self.classes_, self._y = np.unique(labels, return_inverse=True)
+        self.classes_, self._y = classes, codes
         return self
 
     def _vote(self, X):
@@ -1007,6 +1013,16 @@ class KNeighborsRegressor(_Neighbors):
 
     _estimator_type = "regressor"
     _requires_y = True
+
+    def __sklearn_tags__(self):
+        """scikit-learn's tags of a regressor, multi-output."""
+        tags = super().__sklearn_tags__()
+        # y of shape (n_train, n_outputs) is fitted and predicted as it is (each output
+        # the mean over the same neighbours), not raveled: scikit-learn then checks
+        # multi-output prediction (check_regressor_multioutput) and expects no
+        # column-vector warning for y of shape (n, 1) (check_supervised_y_2d).
+        tags.target_tags.multi_output = True
+        return tags
 
     def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None, metric="euclidean"):
         self.n_neighbors = n_neighbors
