@@ -24,7 +24,7 @@ from .store.reads import check_safe, read_block, take_rows
 from .store.results import content_identity
 
 __all__ = ["RowSource", "as_rows", "as_labels", "as_classes", "as_targets", "rows_of", "check_same_features",
-           "check_metric"]
+           "check_metric", "check_finite_rows"]
 
 _CHECK_BYTES = 16 * 2**20  # rows scanned at a time by RowSource.check_finite
 
@@ -138,14 +138,8 @@ class RowSource:
         if self.kind != "numpy" or not np.issubdtype(self.dtype, np.floating):
             return
         step = max(1, _CHECK_BYTES // max(1, self.shape[1] * self.dtype.itemsize))
-        bad = []
-        for a in range(self.lo, self.hi, step):
-            block = self.data[a:min(a + step, self.hi)]
-            if not np.isfinite(block).all():
-                bad.append(np.flatnonzero(~np.isfinite(block).all(axis=1)) + (a - self.lo))
-        if bad:
-            raise InputError(f"{self.name} has NaN or infinite values in row(s) {_row_list(np.concatenate(bad))}; "
-                             "remove or impute those rows")
+        bad = [_non_finite_rows(self.data[a:min(a + step, self.hi)], a - self.lo) for a in range(self.lo, self.hi, step)]
+        _raise_non_finite(np.concatenate(bad), self.name)
 
     def take(self, idx):
         """Rows ``idx`` (relative) as a NumPy array: a few rows, read with the checks of any read."""
@@ -356,3 +350,24 @@ def check_metric(metric):
 
     if metric not in METRICS:
         raise InputError(f"metric={metric!r} is not supported; use one of {', '.join(METRICS)}")
+
+
+def _non_finite_rows(block, offset=0):
+    """Indices (plus ``offset``) of the rows of ``block`` holding NaN or inf."""
+    if not np.issubdtype(block.dtype, np.floating) or np.isfinite(block).all():
+        return np.empty(0, np.int64)
+    return np.flatnonzero(~np.isfinite(block).all(axis=1)) + int(offset)
+
+
+def _raise_non_finite(rows, name):
+    if rows.size:
+        raise InputError(f"{name} has NaN or infinite values in row(s) {_row_list(rows)}; remove or impute those rows")
+
+
+def check_finite_rows(block, offset=0, name="X"):
+    """Raise :class:`InputError` naming the rows of ``block`` (numbered from ``offset``) with NaN or inf.
+
+    For the tasks that read an input's rows (a block at a time), in the words of
+    :meth:`RowSource.check_finite`.
+    """
+    _raise_non_finite(_non_finite_rows(np.asarray(block), offset), name)

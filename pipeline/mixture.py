@@ -33,7 +33,7 @@ import numpy as np
 from .budget import plan
 from .errors import InputError, NotFittedError, sklearn_flavoured
 from .estimator import BaseEstimator
-from .inputs import as_rows
+from .inputs import as_rows, check_finite_rows
 from .kernels import covariances as _cv
 from .kernels import gaussian as _g
 from .kernels import kmeans as _km
@@ -882,7 +882,10 @@ def _is_lazy_input(X):
     return mod.startswith("zarr") or mod.startswith("pipeline")
 
 
-def _wlp_block(block, prepared):
+def _wlp_block(block, prepared, block_info=None):
+    # A store's or a dask array's rows are checked here, where they are read: a NaN row
+    # would otherwise give NaN scores and component 0, a result that looks complete.
+    check_finite_rows(block, block_info[0]["array-location"][0][0] if block_info else 0)
     # Entries that cannot matter are -inf: every use below goes through exp(a - max).
     return _cv.weighted_log_prob(block, prepared, sparse=True)
 

@@ -404,3 +404,26 @@ def test_em_step_independent_of_chunking(data):
     for key in ("N", "S1", "S2"):
         np.testing.assert_allclose(stats[key], ref[key], rtol=1e-11, atol=1e-9 * np.abs(ref[key]).max())
     np.testing.assert_allclose(stats["log_likelihood"], ref["log_likelihood"], rtol=1e-12)
+
+
+def test_predict_on_a_store_names_nan_rows_and_writes_nothing_complete(tmp_path):
+    import zarr
+
+    from pipeline.mixture import fit_to_store, predict_to_store
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 3))
+    data, bad = tmp_path / "x.zarr", tmp_path / "bad.zarr"
+    pl.write_dataset(data, X, chunk_rows=500)
+    X[2500, 1] = np.inf
+    pl.write_dataset(bad, X, chunk_rows=500)
+    gm = pl.GaussianMixture(2, random_state=0, memory_budget="64MiB").fit(str(data))
+    for call in (lambda: gm.predict(str(bad)).compute(), lambda: gm.score_samples(str(bad)).compute(),
+                 lambda: gm.score(str(bad))):
+        with pytest.raises(InputError, match=r"X has NaN or infinite values in row\(s\) 2500; remove or impute"):
+            call()
+    fit_to_store(str(data), str(tmp_path / "m.zarr"), n_components=2, memory_budget="64MiB")
+    out = tmp_path / "labels.zarr"
+    with pytest.raises(InputError, match=r"row\(s\) 2500"):
+        predict_to_store(str(tmp_path / "m.zarr"), str(bad), str(out))
+    assert not zarr.open_group(str(out), mode="r").attrs["pipeline"].get("complete")
