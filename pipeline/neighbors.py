@@ -453,16 +453,19 @@ def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, step=None):
     if bad.size:
         # A few queries had (near-)ties across the candidate cut: redo them with a wide
         # margin, and whatever is still uncertified (exact ties beyond it) by exact
-        # differences against every training row.  Both passes hold only these rows.
+        # differences against every training row.  Both passes hold only these rows, in
+        # query blocks no larger than the plan's.
         Xbad = X.take(bad)
+        rows = max(b - a for a, b in qblocks)
+        blocks = lambda n: _ranges(_even(n, min(n, rows)))
         wide = _records_graph(as_rows(Xbad, "X"), Y, k, margin=max(32, 4 * (k + margin)),
-                              query_blocks=[(0, bad.size)], call=calls[1], **common)
+                              query_blocks=blocks(bad.size), call=calls[1], **common)
         (fix,) = compute(wide, label="k-NN (wide margin)")
         dist[bad], ind[bad] = fix["dist"], fix["idx"]
         still = np.flatnonzero(~fix["ok"])
         if still.size:
             (fix,) = compute(_records_graph(as_rows(Xbad[still], "X"), Y, k, margin=0, exact=True,
-                                            query_blocks=[(0, still.size)], **common),
+                                            query_blocks=blocks(still.size), **common),
                              label="k-NN (exact pass)")
             dist[bad[still]], ind[bad[still]] = fix["dist"], fix["idx"]
     return dist, ind

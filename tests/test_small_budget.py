@@ -178,3 +178,26 @@ def test_one_row_jobs_stay_inside_their_smallest_budgets(tmp_path):
         """, imports="import pipeline, numpy, dask.array, zarr, pipeline.cli, pipeline.mixture")
         print(f"{op}: smallest budget {budget / MiB:.2f} MiB, measured +{grew / MiB:.2f} MiB")
         assert grew <= budget, (op, grew, budget)
+
+
+def test_fallback_passes_keep_the_plans_query_blocks(monkeypatch):
+    """Exact ties send queries to the wide and exact passes: in blocks no larger than the plan's."""
+    from pipeline import neighbors
+
+    rng = np.random.default_rng(2)
+    Y = np.repeat(rng.integers(0, 3, (40, 8)).astype(np.float32), 25, axis=0)  # every row 25 times
+    X = rng.integers(0, 3, (200, 8)).astype(np.float32)
+    seen = []
+    real = neighbors._records_graph
+
+    def spy(*args, query_blocks, exact=False, **kw):
+        seen.append((exact, kw.get("margin"), max(b - a for a, b in query_blocks)))
+        return real(*args, query_blocks=query_blocks, exact=exact, **kw)
+
+    monkeypatch.setattr(neighbors, "_records_graph", spy)
+    dist, ind = pl.kneighbors(X, Y, n_neighbors=5, query_rows=16)
+    assert len(seen) == 3, seen  # the main pass, the wide margin, the exact pass
+    assert all(rows <= 16 for _, _, rows in seen), seen
+    ref_d, ref_i = brute(X, Y, 5)
+    np.testing.assert_array_equal(ind, ref_i)  # ties to the lower training index
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-12)
