@@ -3,9 +3,10 @@
 The budget is the most memory an operation may add to one process above its idle
 footprint (for a cluster: per worker).  Each operation has an explicit cost model: the
 bytes one task holds while it runs, times the number of tasks alive at once, plus what
-all tasks share (parameters) and a fixed runtime overhead.  A kernel's own buffers are
-stated by the kernel module beside the code that allocates them
-(``kernels.distances.block_workspace``, ``kernels.topk.steps_workspace``,
+all tasks share (parameters) and the runtime's own memory
+(:func:`pipeline.runtime.runtime_overhead`: a few MiB, growing with the blocks and the
+graph).  A kernel's own buffers are stated by the kernel module beside the code that
+allocates them (``kernels.distances.block_workspace``, ``kernels.topk.steps_workspace``,
 ``kernels.gaussian.em_workspace`` ...); the models here compose those with the blocks
 as read, the graph's bookkeeping and the runtime.  :func:`plan` picks the largest
 blocks whose predicted peak fits the budget; :meth:`Plan.explain` prints the table.
@@ -23,7 +24,7 @@ from .errors import BudgetError
 from .kernels import distances as _kd
 from .kernels import covariances as _cv
 from .kernels import topk as _topk
-from .runtime import RUNTIME_OVERHEAD, TASK_OVERHEAD, dask_threads
+from .runtime import RUNTIME_OVERHEAD, TASK_OVERHEAD, dask_threads, runtime_overhead
 from .sizes import default_budget, format_bytes, parse_budget
 
 __all__ = ["parse_budget", "default_budget", "format_bytes", "plan", "Plan", "CostItem", "align_rows",
@@ -59,7 +60,10 @@ class Plan:
         Tasks that run at once in one process (dask threads, or threads per worker).
     params : dict
         Block sizes: ``query_rows`` / ``train_rows`` (distances, knn), ``rows`` and
-        ``component_group`` (gmm), plus derived counts such as ``passes``.
+        ``component_group`` (gmm), plus derived counts such as ``passes``.  knn also
+        has ``step``: the most training rows a task ranks per GEMM (the kernel's
+        :func:`pipeline.kernels.topk.step_rows`, fewer on a small budget; a narrower
+        block is one step).
     items : list of CostItem
         The cost table; ``peak`` is its total.
     shape : dict
@@ -152,6 +156,16 @@ def _items(workspace, count):
     return [CostItem(w.name, w.nbytes, count, w.note) for w in workspace]
 
 
+def _with_runtime(items, tasks=0):
+    """``items`` and the runtime's own memory for them and a graph of ``tasks`` tasks
+    (:func:`pipeline.runtime.runtime_overhead`)."""
+    working = sum(item.total for item in items)
+    nbytes, note = runtime_overhead(working, tasks), "threads, BLAS buffers, zarr I/O"
+    if tasks * TASK_OVERHEAD >= 2**20 and nbytes != RUNTIME_OVERHEAD:  # say so where the graph counts
+        note += f", dask's graph of {tasks} tasks"
+    return [*items, CostItem("runtime", nbytes, 1, note)]
+
+
 def cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcast,
                    x_chunk_rows=None, y_chunk_rows=None, x_compressed=True, y_compressed=True,
                    n_blocks=1):
@@ -176,35 +190,50 @@ def cost_distances(bq, bt, *, n_features, itemsize, out_itemsize, threads, upcas
         items.append(CostItem("output cast", bq * bt * out_itemsize, threads, "to the output dtype"))
     # The output chunk is written uncompressed, straight from the block (measured: no
     # encoded copy shows in the peak).
-    items += [
-        CostItem("graph", 3 * n_blocks * TASK_OVERHEAD, 1, "dask's bookkeeping, 3 tasks a block"),
-        CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
-    ]
-    return items
+    items.append(CostItem("graph", 3 * n_blocks * TASK_OVERHEAD, 1, "dask's bookkeeping, 3 tasks a block"))
+    return _with_runtime(items)
 
 
-def cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks):
-    """Cost table of one plan of :func:`pipeline.kneighbors` (``bq`` x ``bt`` blocks)."""
+def cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks, step=None, train_held=True,
+             n_query_blocks=1):
+    """Cost table of one plan of :func:`pipeline.kneighbors` (``bq`` x ``bt`` blocks).
+
+    ``step``: training rows per GEMM step (default :func:`pipeline.kernels.topk.step_rows`,
+    the most a step ever takes).  ``train_held``: whether a task holds its whole
+    training block (a dask array's block); a Zarr array's tasks read theirs a step at a
+    time and an in-memory array's are views, so they hold only the step as read.
+    ``n_query_blocks`` x ``n_train_blocks`` tasks (and their merge tree) make the graph.
+    """
     d = n_features
     cand = k + 2 + k // 8  # k + neighbors' default margin
+    step = _topk.step_rows(bq, d, itemsize) if step is None else int(step)
     # Steps read from Zarr are rounded to whole chunks (neighbors._read_step): at most
     # twice the kernel's step.
-    step = min(bt, 2 * _topk.step_rows(bq, d, itemsize))
-    return [
+    rows = min(bt, 2 * step)
+    if train_held:
+        read = CostItem("train block", bt * d * itemsize, threads,
+                        "an array input's block; Zarr inputs are read a step (up to 2 chunks) at a time")
+    else:
+        read = CostItem("train step as read", rows * d * itemsize, threads, "Zarr: up to 2 chunks; arrays: a view")
+    return _with_runtime([
         *_items(_topk.queries_workspace(bq, d, itemsize), 1),
         CostItem("query block as read", bq * d * itemsize, 1, "until prepared"),
-        CostItem("train block", bt * d * itemsize, threads,
-                 "an array input's block; Zarr inputs are read a step (up to 2 chunks) at a time"),
-        *_items(_topk.steps_workspace(bq, step, d, itemsize, cand), threads),
+        read,
+        *_items(_topk.steps_workspace(bq, rows, d, itemsize, cand), threads),
         CostItem("running top-k lists", _topk.lists_workspace(bq, k), threads + min(n_train_blocks, 8),
                  "per task and in the merge tree; the shared bound"),
-        CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
-    ]
+    ], tasks=n_query_blocks * (n_train_blocks + n_train_blocks // 8 + 2) + n_train_blocks + 2)
 
 
 def cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_every=4, n_samples=0,
-             covariance_type="full"):
-    """Cost table of one plan of the EM pass (``rows``-row blocks, ``group`` components at once)."""
+             covariance_type="full", chunk_rows=None, x_compressed=True):
+    """Cost table of one plan of the EM pass (``rows``-row blocks, ``group`` components at once).
+
+    ``chunk_rows``: the stored chunks' rows.  A block smaller than its chunk is read by
+    reading the whole chunk (predict's reads, the starts' and the checks'), and
+    decoding it too if ``x_compressed`` (measured: 8 MiB chunks, +8 MiB to read one
+    row uncompressed, +16 MiB zstd).
+    """
     d, K = n_features, n_components
     grouped = group < K
     if covariance_type == "full":
@@ -226,18 +255,20 @@ def cost_gmm(rows, group, *, n_features, n_components, itemsize, threads, split_
     if grouped:
         items.append(CostItem("per-row log-sum-exp", 8 * n_samples, 2, "persisted between a group's passes"))
     items.append(CostItem("X block as read", rows * d * itemsize, 2 * threads, "zarr chunk + its decoded buffer"))
+    if chunk_rows and rows < chunk_rows:
+        items.append(CostItem("stored chunk, read whole", chunk_rows * d * itemsize, (1 + x_compressed) * threads,
+                              "a block smaller than its chunk: the chunk as read" + (" and decoded" * x_compressed)))
     # predict / score / the kmeans and random starts make (block, K) arrays per block:
     # log-probabilities and a consumer's (responsibilities, distances, one-hot rows).
     items.append(CostItem("block x K arrays (predict, init)", rows * K * 8, 2 * threads,
                           "log-probabilities and their consumer's output"))
     items += _items(_cv.em_workspace(covariance_type, rows, group, n_features=d, n_components=K,
                                      itemsize=itemsize, grouped=grouped), threads)
-    items += [
-        CostItem("sufficient statistics", _cv.stats_bytes(covariance_type, group, d), threads + split_every + 1,
-                 "N, S1, S2: a task's accumulator, and in the tree"),
-        CostItem("runtime", RUNTIME_OVERHEAD, 1, "threads, BLAS buffers, zarr I/O"),
-    ]
-    return items
+    items.append(CostItem("sufficient statistics", _cv.stats_bytes(covariance_type, group, d),
+                          threads + split_every + 1, "N, S1, S2: a task's accumulator, and in the tree"))
+    # The graph: TASK_OVERHEAD a block (measured: a predict over 20000 rows in 312
+    # blocks instead of 20 added 3.7 MiB; its six small tasks a block cost ~2 KiB each).
+    return _with_runtime(items, tasks=math.ceil(n_samples / rows) if n_samples else 0)
 
 
 def _largest(fits, lo, hi):
@@ -253,11 +284,32 @@ def _largest(fits, lo, hi):
     return lo
 
 
+def _grid(lo, hi):
+    """Integers from ``lo`` to ``hi``, each about 1.25 times the last (both ends included)."""
+    grid, b = [], lo
+    while b < hi:
+        grid.append(b)
+        b = max(b + 1, int(b * 1.25))
+    return grid + [hi]
+
+
+def _largest_above_least(peak, budget, lo, hi):
+    """Largest b in [lo, hi] with peak(b) <= budget, for a peak that falls then rises; None if none.
+
+    Smaller blocks hold less but make more tasks (the graph): the least peak lies
+    between the ends, found on a grid, and the fitting blocks run from there up.
+    """
+    least = min(_grid(lo, hi), key=lambda b: (peak(b), -b))
+    return _largest(lambda b: peak(b) <= budget, least, hi) if peak(least) <= budget else None
+
+
 def _too_small(op, budget, minimum, what):
-    raise BudgetError(
+    e = BudgetError(
         f"memory budget {format_bytes(budget)} is too small for {op}: even {what} needs "
         f"{format_bytes(minimum)}; give --memory-budget {math.ceil(minimum / 2**20)}MiB or more"
     )
+    e.minimum = int(minimum)
+    raise e
 
 
 def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
@@ -273,8 +325,12 @@ def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
         Tasks that run at once; default: the dask threads of the active scheduler.
     **shape
         ``distances``: ``n_x, n_y, n_features, itemsize=4, out_itemsize=None,
-        upcast=False``.  ``knn``: ``n_query, n_train, n_features, k=5, itemsize=4``.
-        ``gmm``: ``n_samples, n_features, n_components, itemsize=8, covariance_type="full"``.
+        upcast=False`` (and the stored chunks: ``x_chunk_rows, y_chunk_rows,
+        x_compressed, y_compressed``).  ``knn``: ``n_query, n_train, n_features, k=5,
+        itemsize=4, train_held=True`` (``False`` when the tasks hold a step of their
+        training rows, not the block: Zarr and in-memory arrays).  ``gmm``:
+        ``n_samples, n_features, n_components, itemsize=8, covariance_type="full"`` (and
+        ``chunk_rows, x_compressed``).
 
     Returns
     -------
@@ -283,8 +339,9 @@ def plan(op, *, memory_budget=None, threads=None, **shape) -> Plan:
     Raises
     ------
     BudgetError
-        If the budget cannot be parsed, or is too small for even one row; the message
-        names the minimum budget that would do.
+        If the budget cannot be parsed, or is too small for even the smallest blocks;
+        the message names the minimum budget that would do (also ``.minimum``, bytes).
+        That minimum grows with the data: its rows, and the tasks of a graph.
 
     Examples
     --------
@@ -342,38 +399,65 @@ def _plan_distances(budget, threads, *, n_x, n_y, n_features, itemsize=4, out_it
                 {"n_x": n_x, "n_y": n_y, "n_features": d, "itemsize": itemsize})
 
 
-def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4):
+def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4, train_held=True):
     n_q, n_t, d = (_positive(n, v) for n, v in (("n_query", n_query), ("n_train", n_train), ("n_features", n_features)))
     k = _positive("k", k)
 
-    def cost(bq, bt):
+    def cost(bq, bt, step=None):
         return cost_knn(bq, bt, n_features=d, itemsize=itemsize, k=k, threads=threads,
-                         n_train_blocks=math.ceil(n_t / bt))
+                         n_train_blocks=math.ceil(n_t / bt), n_query_blocks=math.ceil(n_q / bq), step=step,
+                         train_held=train_held)
 
-    peak = lambda bq, bt: sum(i.total for i in cost(bq, bt))
-    if peak(1, 1) > budget:
-        _too_small("knn", budget, peak(1, 1), "one query row against one train row")
+    peak = lambda bq, bt, step=None: sum(i.total for i in cost(bq, bt, step))
+    # The least memory: one-row steps in the blocks that make the fewest tasks for what
+    # they hold (square ones if a task holds its training block, else all of it).
+    pairs = ([(min(b, n_q), min(b, n_t)) for b in _grid(1, max(n_q, n_t))] if train_held
+             else [(q, n_t) for q in _grid(1, n_q)])
+    lq, lt = min(pairs, key=lambda qt: peak(*qt, 1))
+    if peak(lq, lt, 1) > budget:
+        what = ("one query row against one train row" if (lq, lt) == (1, 1) else
+                f"its smallest plan ({lq} query rows x {lt} train rows, steps of one row)")
+        _too_small("knn", budget, peak(lq, lt, 1), what)
     # Reading the training set is the dominant I/O: keep every query in one block when
-    # that still leaves train blocks large enough for an efficient GEMM, so the
-    # training set is read exactly once.
+    # that still leaves train blocks (steps) large enough for an efficient GEMM, so
+    # the training set is read exactly once.
     min_bt = min(n_t, 256)
-    bq = _largest(lambda q: peak(q, min_bt) <= budget, 1, n_q)
-    if bq is None or bq < n_q:
-        # Balance: square-ish blocks read the train set ceil(n_q / bq) times.
-        b = _largest(lambda b: peak(min(b, n_q), min(b, n_t)) <= budget, 1, max(n_q, n_t))
-        bq = min(b, n_q)
-    bt = _largest(lambda t: peak(bq, t) <= budget, 1, n_t)
     # More train blocks than threads keeps both threads busy and the reads overlapped
     # with the GEMMs, at no cost in memory.
-    bt = min(bt, max(min_bt, math.ceil(n_t / (4 * threads))))
-    params = {"query_rows": bq, "train_rows": bt,
+    wide = min(n_t, max(min_bt, math.ceil(n_t / (4 * threads))))
+    cap = lambda q: min(_topk.step_rows(q, d, itemsize), n_t)  # the kernel's own step
+    if train_held:
+        bq = _largest_above_least(lambda q: peak(q, min_bt), budget, 1, n_q)
+        if bq is None or bq < n_q:
+            # Balance: square-ish blocks read the train set ceil(n_q / bq) times.
+            b = _largest_above_least(lambda b: peak(min(b, n_q), min(b, n_t)), budget, 1, max(n_q, n_t))
+            bq = lq if b is None else min(b, n_q)
+        bt = _largest_above_least(lambda t: peak(bq, t), budget, 1, n_t)
+        step = cap(bq)
+        if bt is None:  # the least plan's blocks, with the steps the budget leaves
+            bq, bt = lq, lt
+            step = _largest(lambda s: peak(bq, bt, s) <= budget, 1, cap(bq))
+        bt = min(bt, wide)
+    else:
+        # The tasks hold a step, not their block: blocks cost nothing but tasks, and the
+        # steps narrow as the budget requires.  `wide` train blocks keep the threads
+        # busy; at the least, the query blocks do, one train block each (fewer tasks).
+        if peak(n_q, wide, min(min_bt, cap(n_q))) <= budget:
+            bq, bt = n_q, wide
+        else:  # balance: steps about as wide as the query blocks
+            bt = n_t
+            bq = _largest_above_least(lambda q: peak(q, bt, min(q, cap(q))), budget, 1, n_q) or lq
+        step = _largest(lambda s: peak(bq, bt, s) <= budget, 1, cap(bq))
+        if bt > wide and peak(bq, wide, step) <= budget:
+            bt = wide  # train blocks for the threads too, when their tasks fit
+    params = {"query_rows": bq, "train_rows": bt, "step": step,
               "train_reads": math.ceil(n_q / bq)}
-    return Plan("knn", budget, threads, params, cost(bq, bt),
+    return Plan("knn", budget, threads, params, cost(bq, bt, step),
                 {"n_query": n_q, "n_train": n_t, "n_features": d, "k": k, "itemsize": itemsize})
 
 
 def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8, chunk_rows=None,
-              covariance_type="full"):
+              covariance_type="full", x_compressed=True):
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
     try:
         _cv.check_type(covariance_type)
@@ -382,9 +466,15 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
 
     def cost(rows, group):
         return cost_gmm(rows, group, n_features=d, n_components=K, itemsize=itemsize, threads=threads,
-                         n_samples=n, covariance_type=covariance_type)
+                         n_samples=n, covariance_type=covariance_type, chunk_rows=chunk_rows,
+                         x_compressed=x_compressed)
 
     peak = lambda rows, group: sum(i.total for i in cost(rows, group))
+    # Smaller blocks need less memory each but make more of them (dask's bookkeeping),
+    # and a block smaller than its stored chunk reads the whole chunk: the least peak
+    # for a group is at the block sizes of this grid (its least point `best`).
+    grid = _grid(1, n) + ([chunk_rows] if chunk_rows and chunk_rows < n else [])
+    best = lambda group: min(grid, key=lambda r: (peak(r, group), -r))
     # Aim for row blocks of at least 1024 rows (GEMM efficiency); shrink the component
     # group before the rows, the rows only when one component alone does not fit.
     target = min(n, 1024)
@@ -393,23 +483,34 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     smallest = 1 if covariance_type == "full" else K
     group = _largest(lambda g: peak(target, g) <= budget, smallest, K)
     if group is None and covariance_type != "full":
-        if peak(1, K) > budget:
-            _too_small("gmm", budget, peak(1, K), f"one row with all {K} components ({covariance_type})")
+        if peak(best(K), K) > budget:
+            _too_small("gmm", budget, peak(best(K), K), f"its smallest blocks with all {K} components "
+                       f"({covariance_type})")
         group = K
     if group is None:
-        group = 1
-        if peak(1, 1) > budget:
-            what = "one row with one component"
+        # No group gets blocks of `target` rows.  Split the components (two passes per
+        # group) only if all of them would not get blocks of 64 rows, or do not fit.
+        least = {g: peak(best(g), g) for g in (1, K)}
+        if min(least.values()) > budget:
+            what = "its smallest blocks"
             held = next(i.total for i in cost(1, 1) if i.name.startswith("parameters"))
-            if held > peak(1, 1) / 2:  # say what dominates: K d^2 parameters, not X
+            if held > least[1] / 2:  # say what dominates: K d^2 parameters, not X
                 what += (f" (the parameters of all {K} components, three {K} x {d} x {d} float64 arrays held in "
                          f"the driver, are {format_bytes(held)} of it)")
-            _too_small("gmm", budget, peak(1, 1), what)
-    rows = _largest(lambda r: peak(r, group) <= budget, 1, n)
-    # Enough blocks to keep every thread busy and the tree shallow.
-    rows = min(rows, max(target, math.ceil(n / (4 * threads))))
-    # Whole stored chunks per block: a block straddling chunks decodes up to two more.
-    rows = align_rows(rows, chunk_rows, n)
+            _too_small("gmm", budget, min(least.values()), what)
+        whole = least[K] <= budget and peak(max(best(K), min(n, 64)), K) <= budget
+        group = K if whole or least[1] > budget else 1
+    fits = lambda r: peak(r, group) <= budget
+    # Whole stored chunks first; else the largest block above the least peak.
+    if chunk_rows and chunk_rows < n and fits(chunk_rows):
+        rows = _largest(fits, chunk_rows, n)
+    else:
+        low = best(group)
+        rows = _largest(fits, low, n if not chunk_rows or low >= chunk_rows else min(n, chunk_rows - 1))
+    # Enough blocks to keep every thread busy and the tree shallow; whole stored chunks
+    # per block (a block straddling chunks decodes up to two more), if that still fits.
+    even = align_rows(min(rows, max(target, math.ceil(n / (4 * threads)))), chunk_rows, n)
+    rows = even if fits(even) else align_rows(rows, chunk_rows, n)
     n_groups = math.ceil(K / group)
     params = {"rows": rows, "component_group": group, "component_groups": n_groups,
               "passes": 1 if n_groups == 1 else 2 * n_groups}

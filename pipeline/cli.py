@@ -282,8 +282,10 @@ def _run_plan(a):
             raise InputError(f"plan {a.op} needs QUERY and TRAIN, or --n-query, --n-train and --n-features")
         size = itemsize or (dt.itemsize if dt is not None else 4)
         if a.op == "knn":
+            # From a TRAIN store the tasks read their steps (as `pipeline knn` plans); from
+            # shapes alone the plan holds whole training blocks, as for a dask array.
             p = plan("knn", n_query=nq, n_train=nt, n_features=d, k=a.k, itemsize=size,
-                     memory_budget=a.memory_budget, threads=_plan_threads(a))
+                     memory_budget=a.memory_budget, threads=_plan_threads(a), train_held=not a.train)
         else:
             p = plan("distances", n_x=nq, n_y=nt, n_features=d, itemsize=size,
                      memory_budget=a.memory_budget, threads=_plan_threads(a))

@@ -61,7 +61,7 @@ def run_demo(directory="pipeline-demo", *, n_train=5000, n_test=500, memory_budg
     echo(f"\n   the 'no loops' broadcast ((X[:, None] - Y)**2).sum(2) would allocate "
          f"{format_bytes(naive)}; pipeline streams it in blocks instead:")
     p = plan("knn", n_query=n_test, n_train=n_train, n_features=train.n_features, k=5,
-             itemsize=1, memory_budget=budget, threads=dask_threads())
+             itemsize=1, memory_budget=budget, threads=dask_threads(), train_held=False)  # as write_knn: Zarr
     echo("\n".join("   " + line for line in p.explain().splitlines()))
 
     from .neighbors import write_knn

@@ -30,7 +30,12 @@ class InputTypeError(InputError, TypeError):
 
 
 class BudgetError(InputError):
-    """A memory budget that cannot be parsed, or is too small for the operation."""
+    """A memory budget that cannot be parsed, or is too small for the operation.
+
+    ``minimum``: the least budget in bytes that would do, when the planner knows it.
+    """
+
+    minimum = None
 
 
 class DataError(PipelineError):

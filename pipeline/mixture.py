@@ -62,7 +62,7 @@ def _plan(source, n_components, memory_budget, covariance_type="full"):
     """The EM plan for a row source (its stored chunks align the blocks)."""
     return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=n_components,
                 itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
-                covariance_type=covariance_type)
+                covariance_type=covariance_type, x_compressed=source.compressed)
 
 
 def _block_offsets(X):

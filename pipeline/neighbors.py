@@ -40,14 +40,15 @@ training row: the answer is exact whatever the rounding of the GEMM.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import uuid
 
 import numpy as np
 
-from .budget import align_rows, cost_knn, parse_budget, plan
-from .errors import InputError, NotFittedError, sklearn_flavoured
+from .budget import align_rows, cost_knn, format_bytes, parse_budget, plan
+from .errors import BudgetError, InputError, NotFittedError, sklearn_flavoured
 from .estimator import BaseEstimator
 from .inputs import as_classes, as_labels, as_rows, as_targets, check_metric, check_same_features, rows_of
 from .kernels import topk as _topk
@@ -83,19 +84,27 @@ def _arrays(X, Y, memory_budget, k, query_rows=None, train_rows=None, metric="eu
     # Manhattan is ranked by exact float64 differences: its steps are float64 blocks.
     itemsize = 8 if metric == "manhattan" else max(X.dtype.itemsize, Y.dtype.itemsize)
     budget, threads = parse_budget(memory_budget), dask_threads()
-    shape = dict(n_query=X.shape[0], n_train=Y.shape[0], n_features=X.shape[1], k=k, itemsize=itemsize)
+    shape = dict(n_query=X.shape[0], n_train=Y.shape[0], n_features=X.shape[1], k=k, itemsize=itemsize,
+                 train_held=Y.kind == "dask")  # Zarr rows are read a step at a time, arrays' are views
     p = plan("knn", memory_budget=budget, threads=threads, **shape)
     cq, ct = X.chunk_rows, Y.chunk_rows
-    if train_rows is None and ct and p["train_rows"] < min(ct, Y.shape[0]):
-        # Reading any rows decodes whole Zarr chunks: with blocks smaller than a
+    if train_rows is None and ct and Y.compressed and min(p["train_rows"], 2 * p["step"]) < min(ct, Y.shape[0]):
+        # Reading any rows decodes whole compressed chunks: with steps smaller than a
         # chunk every task transiently holds one, so plan with those set aside.
         held = threads * ct * Y.shape[1] * Y.dtype.itemsize
         if cq and p["query_rows"] < min(cq, X.shape[0]):
             held += cq * X.shape[1] * X.dtype.itemsize
-        p = plan("knn", memory_budget=max(1, budget - held), threads=threads, **shape)
+        try:
+            p = plan("knn", memory_budget=max(1, budget - held), threads=threads, **shape)
+        except BudgetError as e:
+            need = held + e.minimum
+            raise BudgetError(f"memory budget {format_bytes(budget)} is too small for knn: the {threads} compressed "
+                              f"chunk(s) of {ct} rows its reads decode at once ({format_bytes(held)}) and its "
+                              f"smallest plan need {format_bytes(need)}; give --memory-budget "
+                              f"{math.ceil(need / 2**20)}MiB or more") from None
     bt = int(train_rows or p["train_rows"])
     if train_rows is None:
-        bt = _grow_train_rows(p, bt, k, threads, budget, Y.shape[0])
+        bt = _grow_train_rows(p, bt, k, threads, budget, Y.shape[0], shape["train_held"])
         if ct:
             bt = align_rows(bt, ct, Y.shape[0])  # whole Zarr chunks per block: each decoded once
         sizes = _balanced(Y.shape[0], bt, ct, threads)
@@ -142,7 +151,7 @@ def _balanced(n, rows, unit, threads):
     return tuple(sizes)
 
 
-def _grow_train_rows(p, bt, k, threads, budget, n_train):
+def _grow_train_rows(p, bt, k, threads, budget, n_train, held=True):
     """Training rows per block: at least ~400 per re-ranked candidate, if the budget allows.
 
     The exact re-rank of a block costs about as much as 40 GEMM columns per
@@ -156,7 +165,8 @@ def _grow_train_rows(p, bt, k, threads, budget, n_train):
 
     def fits(t):
         items = cost_knn(p["query_rows"], t, n_features=p.shape["n_features"], itemsize=p.shape["itemsize"],
-                          k=k, threads=threads, n_train_blocks=math.ceil(n_train / t))
+                          k=k, threads=threads, n_train_blocks=math.ceil(n_train / t), step=p["step"],
+                          train_held=held, n_query_blocks=p["train_reads"])
         return sum(i.total for i in items) <= budget
 
     lo, hi = bt, want
@@ -223,14 +233,15 @@ class _named:
         return False
 
 
-def _part(queries, value, a, b, start, shift, *, k, margin, call):
+def _part(queries, value, a, b, start, shift, *, k, margin, call, step=None):
     """Task: the exact k nearest rows of one training block for one query block.
 
-    Steps through the block (:func:`kernels.topk.knn_steps`); indices are global
+    Steps through the block (:func:`kernels.topk.knn_steps`) in steps of the plan's
+    ``step`` rows, never more than :func:`kernels.topk.step_rows`; indices are global
     (``start`` is the block's first training row).
     """
     work = thread_work()
-    step = _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize)
+    step = min(step or math.inf, _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize))
     steps = ((start + s, rows) for s, rows in _steps(value, a, b, step, work))
     try:
         return _topk.knn_steps(queries, steps, k, margin=margin, shift=shift, work=work,
@@ -240,9 +251,12 @@ def _part(queries, value, a, b, start, shift, *, k, margin, call):
         return {"bad": e.rows}
 
 
-def _exact_part(qvalue, qa, qb, value, a, b, start, *, k, metric="sqeuclidean"):
-    """Task of the exact fallback: exact keys against every training row."""
-    return _topk.exact_topk_block(rows_of(qvalue, qa, qb), rows_of(value, a, b), k, start, metric=metric)
+def _exact_part(qvalue, qa, qb, value, a, b, start, *, k, step=None, metric="sqeuclidean"):
+    """Task of the exact fallback: exact keys against every training row, a step at a time."""
+    X = rows_of(qvalue, qa, qb)
+    parts = [_topk.exact_topk_block(X, rows, k, start + s, metric=metric)
+             for s, rows in _steps(value, a, b, step or b - a, thread_work())]
+    return functools.reduce(lambda x, y: _topk.merge_knn(x, y, k), parts)
 
 
 # Per query block of a k-NN call, the running bound on every query's k-th distance
@@ -306,13 +320,14 @@ def _concat(records):
 # ----------------------------------------------------------------------------- graph
 
 def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, exact=False, call=None,
-                   metric="sqeuclidean"):
+                   step=None, metric="sqeuclidean"):
     """Lazy (n_query,) record array of (key, idx, ok): block tasks and a merge tree.
 
     ``X``, ``Y``: row sources; ``query_blocks``, ``train_blocks``: ``(a, b)`` row
     ranges; ``metric``: the kernels' ranking key (:data:`pipeline.kernels.topk.KEYS`).  Tasks are named ``pipeline-knn-<stage>`` (dashboard, Prometheus).
     ``call``: a token unique to this graph, naming the tasks' shared bounds
-    (:func:`_board`); drop them with :func:`_drop_boards` once computed.
+    (:func:`_board`); drop them with :func:`_drop_boards` once computed.  ``step``:
+    the plan's training rows per step.
     """
     from functools import partial
 
@@ -324,7 +339,7 @@ def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, 
     starts = [a for a, _ in train_blocks]
     trees = []
     if exact:
-        task = partial(_exact_part, k=k, metric=metric)
+        task = partial(_exact_part, k=k, step=step, metric=metric)
         for i, xq in enumerate(xs):
             trees.append([])
             for j, yt in enumerate(ys):
@@ -334,14 +349,15 @@ def _records_graph(X, Y, k, *, margin, split_every, query_blocks, train_blocks, 
     else:
         # The centring vector: the mean of the first training rows.  1024 rows put it
         # well inside the data's spread, all the GEMM's accuracy needs (distances are
-        # re-ranked exactly whatever the shift); it is on the critical path, so small.
-        # Only distances are translation invariant: inner products are not centred.
+        # re-ranked exactly whatever the shift); it is on the critical path, so small,
+        # and never more than a step's read (the plan's budget for a read).  Only
+        # distances are translation invariant: inner products are not centred.
         shift = None
         if metric == "sqeuclidean":
             shift = (f"pipeline-knn-shift-{tok}",)
             value, a, b = ys[0]
-            dsk[shift] = (_shift_task, value, a, min(b, a + 1024))
-        task = partial(_part, k=k, margin=margin, call=call)
+            dsk[shift] = (_shift_task, value, a, min(b, a + 1024, a + 2 * (step or 512)))
+        task = partial(_part, k=k, margin=margin, call=call, step=step)
         for i, (xq, (qa, _)) in enumerate(zip(xs, query_blocks)):
             q = (f"pipeline-knn-query-{tok}", i)
             dsk[q] = (_prepare, *xq, shift, qa, metric)
@@ -372,7 +388,8 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     """Exact k nearest training rows of every query row, out of core.
 
     Never holds the (n_query, n_train) distance matrix: each task ranks one
-    (query block, training block) pair, one GEMM per step of ~1000 training rows, and
+    (query block, training block) pair, one GEMM per step of ~1000 training rows (the
+    plan's ``step``: fewer on a small budget), and
     re-ranks the few candidates that can still enter each query's list by exact
     float64 differences; a tree merges the lists.
 
@@ -423,30 +440,30 @@ def kneighbors(X, Y, n_neighbors=5, memory_budget=None, return_distance=True, *,
     ([[1, 0]], [[0.1, 0.9]])
     """
     check_metric(metric)
-    X, Y, k, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows,
-                                               metric)
+    X, Y, k, p, qblocks, tblocks = _arrays(X, Y, memory_budget, n_neighbors, query_rows, train_rows, metric)
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
                                or margin < 0):
         raise InputError(f"margin={margin!r} must be a whole number >= 0")
     margin = _default_margin(k) if margin is None else int(margin)
     split_every = max(2, int(split_every or _SPLIT_EVERY))
     with thread_buffers():
-        keys, ind = _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks, _topk.metric_key(metric))
+        keys, ind = _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks, p["step"],
+                                _topk.metric_key(metric))
     return (_topk.distances_from_keys(keys, metric), ind) if return_distance else ind
 
 
-def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks, key="sqeuclidean"):
+def _kneighbors(X, Y, k, margin, split_every, qblocks, tblocks, step=None, key="sqeuclidean"):
     """Exact ranking keys (:data:`kernels.topk.KEYS`) and indices: the main pass, then the fallbacks."""
     calls = [uuid.uuid4().hex, uuid.uuid4().hex]  # the main pass's and the wide pass's boards
     try:
-        return _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, key)
+        return _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, step, key)
     finally:
         for call in calls:
             _drop_boards(call)
 
 
-def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, key):
-    common = dict(split_every=split_every, train_blocks=tblocks, metric=key)
+def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, step=None, key="sqeuclidean"):
+    common = dict(split_every=split_every, train_blocks=tblocks, step=step, metric=key)
     (rec,) = compute(_records_graph(X, Y, k, margin=margin, query_blocks=qblocks, call=calls[0], **common),
                      label="k-NN")
     dist, ind = rec["dist"], rec["idx"]
@@ -454,16 +471,19 @@ def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, key):
     if bad.size:
         # A few queries had (near-)ties across the candidate cut: redo them with a wide
         # margin, and whatever is still uncertified (exact ties beyond it) by exact
-        # differences against every training row.  Both passes hold only these rows.
+        # differences against every training row.  Both passes hold only these rows, in
+        # query blocks no larger than the plan's.
         Xbad = X.take(bad)
+        rows = max(b - a for a, b in qblocks)
+        blocks = lambda n: _ranges(_even(n, min(n, rows)))
         wide = _records_graph(as_rows(Xbad, "X"), Y, k, margin=max(32, 4 * (k + margin)),
-                              query_blocks=[(0, bad.size)], call=calls[1], **common)
+                              query_blocks=blocks(bad.size), call=calls[1], **common)
         (fix,) = compute(wide, label="k-NN (wide margin)")
         dist[bad], ind[bad] = fix["dist"], fix["idx"]
         still = np.flatnonzero(~fix["ok"])
         if still.size:
             (fix,) = compute(_records_graph(as_rows(Xbad[still], "X"), Y, k, margin=0, exact=True,
-                                            query_blocks=[(0, still.size)], **common),
+                                            query_blocks=blocks(still.size), **common),
                              label="k-NN (exact pass)")
             dist[bad[still]], ind[bad[still]] = fix["dist"], fix["idx"]
     return dist, ind
@@ -1146,8 +1166,9 @@ def write_knn(query, train, out, *, k=5, weights="uniform", memory_budget=None, 
     n = int(qd.shape[0])
     # The plan first: an impossible budget fails before anything is written.
     p = plan("knn", n_query=n, n_train=td.shape[0], n_features=td.shape[1], k=k,
-             itemsize=max(qd.dtype.itemsize, td.dtype.itemsize), memory_budget=memory_budget,
-             threads=dask_threads())
+             itemsize=8 if metric == "manhattan" else max(qd.dtype.itemsize, td.dtype.itemsize),
+             memory_budget=memory_budget,
+             threads=dask_threads(), train_held=td.kind == "dask")
     # Options at their defaults are left out: results written before they existed keep their job.
     extra = {name: value for name, value, default in (("metric", metric, "euclidean"), ("graph", graph, None))
              if value != default}

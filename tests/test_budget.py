@@ -61,7 +61,9 @@ def test_bigger_budget_bigger_blocks(op):
 def test_knn_plan_reads_train_once_when_it_can():
     p = plan("knn", memory_budget="1GiB", threads=2, **SHAPES["knn"])
     assert p["query_rows"] == 1000 and p["train_reads"] == 1
-    tiny = plan("knn", memory_budget="64MiB", threads=2, n_query=100_000, n_train=50_000,
+    # 256 MiB: held training blocks, and the graph of the many blocks 64 MiB would take
+    # (over 50000 tasks), do not fit in less.
+    tiny = plan("knn", memory_budget="256MiB", threads=2, n_query=100_000, n_train=50_000,
                 n_features=3072, k=5, itemsize=4)
     assert tiny["query_rows"] < 100_000 and tiny["train_reads"] > 1
 

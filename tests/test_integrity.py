@@ -72,7 +72,7 @@ def test_a_failed_job_leaves_nothing_that_looks_complete(data, tmp_path):
     X = np.random.default_rng(0).standard_normal((400, 16))
     X[350] = np.inf
     pl.write_dataset(tmp_path / "bad.zarr", X, chunk_rows=50)
-    r = _cli("distances", data / "q.zarr", tmp_path / "bad.zarr", tmp_path / "D.zarr", "--memory-budget", "28MiB")
+    r = _cli("distances", data / "q.zarr", tmp_path / "bad.zarr", tmp_path / "D.zarr", "--memory-budget", "12MiB")
     assert r.returncode == 2 and "row(s) 350" in r.stderr, r.stderr
     assert not _meta(tmp_path / "D.zarr")["complete"]
     info = _cli("info", tmp_path / "D.zarr")
@@ -118,11 +118,11 @@ def test_api_read_of_a_missing_chunk_raises_instead_of_filling(data, tmp_path):
 
 
 def test_two_jobs_on_different_outputs_do_not_interfere(data, tmp_path):
-    ref = _cli("distances", data / "q.zarr", data / "t.zarr", tmp_path / "ref.zarr", "--memory-budget", "28MiB")
+    ref = _cli("distances", data / "q.zarr", data / "t.zarr", tmp_path / "ref.zarr", "--memory-budget", "12MiB")
     assert ref.returncode == 0, ref.stderr
-    a = _popen("distances", data / "q.zarr", data / "t.zarr", tmp_path / "a.zarr", "--memory-budget", "28MiB",
+    a = _popen("distances", data / "q.zarr", data / "t.zarr", tmp_path / "a.zarr", "--memory-budget", "12MiB",
                delay=0.05)
-    b = _popen("distances", data / "q.zarr", data / "t.zarr", tmp_path / "b.zarr", "--memory-budget", "28MiB",
+    b = _popen("distances", data / "q.zarr", data / "t.zarr", tmp_path / "b.zarr", "--memory-budget", "12MiB",
                delay=0.05)
     assert a.wait(240) == 0 and b.wait(240) == 0, (a.communicate(), b.communicate())
     want = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")["D"][...]
@@ -133,7 +133,7 @@ def test_two_jobs_on_different_outputs_do_not_interfere(data, tmp_path):
 
 def test_second_writer_of_the_same_output_refuses_without_damage(data, tmp_path):
     out = tmp_path / "D.zarr"
-    argv = ["distances", data / "q.zarr", data / "t.zarr", out, "--memory-budget", "28MiB"]
+    argv = ["distances", data / "q.zarr", data / "t.zarr", out, "--memory-budget", "12MiB"]
     first = _popen(*argv, delay=0.5)  # a slow job: still running while the others try
     try:
         end = time.monotonic() + 120
@@ -151,7 +151,7 @@ def test_second_writer_of_the_same_output_refuses_without_damage(data, tmp_path)
         assert first.wait(240) == 0, first.communicate()
     finally:
         first.kill()
-    ref = _cli("distances", data / "q.zarr", data / "t.zarr", tmp_path / "ref.zarr", "--memory-budget", "28MiB")
+    ref = _cli("distances", data / "q.zarr", data / "t.zarr", tmp_path / "ref.zarr", "--memory-budget", "12MiB")
     assert ref.returncode == 0
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["D"][...],
                                   zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")["D"][...])

@@ -29,7 +29,7 @@ read, prepared queries, prepared parameters) are built before tracing starts and
 are not counted, as the formulas do not count them (:mod:`pipeline.budget` adds
 them as rows of their own); what the kernel returns is counted (the distance block,
 the statistics, the lists), as it is allocated inside.  BLAS and the allocator's own
-buffers are not traced: the budget's ``RUNTIME_OVERHEAD`` covers those, not these
+buffers are not traced: the budget's ``runtime_overhead`` covers those, not these
 formulas.
 
 Tasks that keep scratch buffers from block to block (``work``: the k-NN steps and

@@ -111,7 +111,8 @@ _RERANK_BYTES = 2 * 2**20
 _SELECT_ROWS = 64
 # Columns per group whose minimum gives select_smallest its threshold.
 _GROUP = 32
-# Bytes of a k-NN step's buffers (rows as read, centred, ranking block): see step_rows.
+# Bytes of a k-NN step's buffers (rows as read, centred, ranking block): see step_rows,
+# the widest step; a plan on a small budget takes narrower ones (budget.plan "step").
 STEP_BYTES = 32 * 2**20
 # Index of an empty slot of a running neighbour list (sorts after every real row).
 _NO_ROW = np.iinfo(np.int64).max
@@ -479,7 +480,8 @@ def step_rows(n_query, n_features, itemsize):
     A step's buffers (the rows as read, centred, and the ``(n_query, rows)`` ranking
     block) are kept about ``STEP_BYTES``: small enough that a thread's first use of
     them (page faults, ~1-3 ms per MiB on these VMs) is cheap, wide enough for the
-    GEMM to run at full speed (>= 256 columns).
+    GEMM to run at full speed (>= 256 columns).  The most a step takes: the k-NN plan
+    (``pipeline.plan("knn")["step"]``) narrows it when the budget is small.
 
     Examples
     --------
@@ -509,12 +511,14 @@ def steps_workspace(n_query, step, n_features, itemsize, n_candidates):
     :func:`select_smallest`'s temporaries (its argpartition path: an index array for
     ``_SELECT_ROWS`` query rows; its threshold path: per candidate about ``_GROUP``
     examined entries, each an index, a value, a threshold and a mask entry); and the
-    exact re-rank's buffers (``_RERANK_BYTES`` of gathered rows, three of them, and per
-    candidate pair its rows, columns, distances and its share of the merged lists).
+    exact re-rank's buffers (three of gathered rows: ``_RERANK_BYTES``, or the step's
+    candidate pairs when fewer, at most ``n_candidates`` a query; and per candidate
+    pair its rows, columns, distances and its share of the merged lists).
     """
     from .buffers import Workspace
 
     w = max(int(itemsize), 4)
+    gathered = min(_RERANK_BYTES, n_query * min(n_candidates, step) * n_features * 8)
     argpartition = min(n_query, _SELECT_ROWS) * step * 8
     threshold = n_query * n_candidates * _GROUP * (8 + 2 * w + 1) + n_query * (step // _GROUP + 1) * w
     return [
@@ -523,7 +527,7 @@ def steps_workspace(n_query, step, n_features, itemsize, n_candidates):
         Workspace("ranking rows cut by rank", n_query * step * w, "a copy of the rows of queries with too many "
                   "candidates"),
         Workspace("selection", max(argpartition, threshold), "argpartition indices or the threshold pass"),
-        Workspace("exact re-rank buffers", 3 * _RERANK_BYTES + n_query * n_candidates * 96,
+        Workspace("exact re-rank buffers", 3 * gathered + n_query * n_candidates * 96,
                   "gathered candidates, float64; candidate pairs and their merge"),
     ]
 
@@ -958,7 +962,11 @@ def _exact_steps(queries, steps, k, board=None):
     seen = 0
     for offset, Y, D, _ in _exact_block_steps(queries, steps):
         seen += Y.shape[0]
-        best = merge_topk(best, topk_block(D, k, offset), k)
+        # _SELECT_ROWS queries at a time: topk_block's index arrays stay that small.
+        for r in range(0, n, _SELECT_ROWS):
+            part = topk_block(D[r:r + _SELECT_ROWS], k, offset)
+            d, i = merge_topk((best[0][r:r + _SELECT_ROWS], best[1][r:r + _SELECT_ROWS]), part, k)
+            best[0][r:r + _SELECT_ROWS], best[1][r:r + _SELECT_ROWS] = d, i
     width = min(k, seen)
     return {"dist": best[0][:, :width], "idx": best[1][:, :width], "bound": np.full(n, np.inf)}
 

@@ -19,11 +19,15 @@ from ..errors import InputError
 from ..sizes import parse_budget
 
 __all__ = ["compute", "persist", "connect", "dask_threads", "cores", "blas_threads_for",
-           "parse_scheduler", "limit_malloc", "RUNTIME_OVERHEAD", "TASK_OVERHEAD"]
+           "parse_scheduler", "limit_malloc", "runtime_overhead", "RUNTIME_BASE", "RUNTIME_OVERHEAD",
+           "TASK_OVERHEAD"]
 
-# Memory the runtime adds once work starts, whatever the block sizes: thread stacks,
-# BLAS work buffers, zarr's event loop and codec buffers.  Measured in
-# tests/test_memory.py (the intercept of measured peak against block bytes).
+# Memory the runtime adds once work starts, beside the blocks a plan counts: thread
+# stacks, dask's scheduler state, zarr's event loop and codec buffers, BLAS's packed
+# panels, and the freed blocks under the 1 MiB mmap threshold that glibc keeps in the
+# threads' arenas (limit_malloc).  RUNTIME_BASE for the smallest jobs (measured: up to
+# 4.2 MiB), RUNTIME_OVERHEAD at most: see runtime_overhead.
+RUNTIME_BASE = 6 * 2**20
 RUNTIME_OVERHEAD = 20 * 2**20
 # dask's bookkeeping per task of a graph (task objects, keys, scheduler state),
 # measured with graphs of 400 and 40000 tasks.
@@ -32,6 +36,34 @@ TASK_OVERHEAD = 16 * 2**10
 _WORKER_IDLE = 150 * 2**20
 
 _state = {"progress": None}
+
+
+def runtime_overhead(working, tasks=0):
+    """Bytes the runtime adds to a job whose plan counts ``working`` bytes and runs ``tasks`` tasks.
+
+    ``RUNTIME_BASE`` whatever the blocks, plus a quarter of ``working`` (BLAS packs
+    panels of its operands; freed blocks below the mmap threshold stay in the arenas of
+    the threads that used them) and dask's bookkeeping of ``tasks`` (``TASK_OVERHEAD``
+    each), at most ``RUNTIME_OVERHEAD``: the figure the plans of large blocks have
+    always carried (so they are unchanged), which holds a graph up to its headroom.  A
+    larger graph counts in full above the base.
+
+    Measured, peak RSS above an idle process that imported the same modules: 0.3-4.2
+    MiB for a 1-row k-NN, distance matrix, GMM fit and predict (the fit the most:
+    ``benchmarks/bench_minima.py``); beyond the buffers a plan counts, 2.5 MiB over 7.6
+    MiB counted (distances, 300 x 3000 x 256 float32 at 32 MiB) and 5.3 MiB over 19.9
+    MiB (the same k-NN from Zarr at 64 MiB); a k-NN graph, ~5 KiB a task (16000 tasks:
+    +85 MiB), a GMM predict's ~2 KiB.  Held by measurement in
+    ``tests/test_small_budget.py`` and the other memory tests.  A fixed 20 MiB used to be
+    charged to every job, so that none could run in less.
+
+    Examples
+    --------
+    >>> runtime_overhead(0) == RUNTIME_BASE, runtime_overhead(2**30) == RUNTIME_OVERHEAD
+    (True, True)
+    """
+    graph = int(tasks) * TASK_OVERHEAD
+    return int(max(min(RUNTIME_OVERHEAD, RUNTIME_BASE + int(working) // 4 + graph), RUNTIME_BASE + graph))
 
 
 def cores() -> int:
@@ -173,10 +205,21 @@ def compute(*collections, label=None, **kwargs):
 
 
 def persist(*collections):
-    """``dask.persist`` with BLAS threads limited as :func:`compute` limits them."""
+    """``dask.persist`` with BLAS threads limited as :func:`compute` limits them.
+
+    Without a client, on the threaded scheduler named by its function, as
+    :func:`compute`: dask's default would import distributed (measured: +30 MiB, which
+    the grouped EM pass used to add to every plan's budget).
+    """
     import dask
 
-    with _blas_limited(blas_threads_for(dask_threads())):
+    threads = dask_threads()
+    with contextlib.ExitStack() as ctx:
+        ctx.enter_context(_blas_limited(blas_threads_for(threads)))
+        if _current_client() is None:
+            import dask.threaded
+
+            ctx.enter_context(dask.config.set(scheduler=dask.threaded.get, num_workers=threads))
         return dask.persist(*collections)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BudgetError, InputError
-from ..runtime import RUNTIME_OVERHEAD, compute, dask_threads
+from ..runtime import compute, dask_threads, runtime_overhead
 from ..sizes import format_bytes, parse_budget
 from .reads import checked, member
 from .results import FORMAT, ResultWriter, utc_now
@@ -148,9 +148,13 @@ def chunk_rows_for(n_rows, row_bytes, chunk_rows=None, memory_budget=None, threa
         # Each writing task holds its source copy, the converted block and the
         # encoded chunk: three block-sized buffers.
         per_row = 3 * row_bytes * threads
-        fit = (budget - RUNTIME_OVERHEAD) // per_row
+        need = lambda r: r * per_row + runtime_overhead(r * per_row)
+        fit, hi = 0, max(1, budget // per_row)  # the largest r with need(r) <= budget
+        while fit < hi:
+            mid = (fit + hi + 1) // 2
+            fit, hi = (mid, hi) if need(mid) <= budget else (fit, mid - 1)
         if fit < 1:
-            need = RUNTIME_OVERHEAD + per_row
+            need = need(1)
             raise BudgetError(
                 f"memory budget {format_bytes(budget)} is too small to write one row of "
                 f"{format_bytes(row_bytes)} with {threads} thread(s); give at least "
