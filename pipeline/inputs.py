@@ -124,8 +124,17 @@ class RowSource:
         return RowSource(self, name or self.name, lo, hi)
 
     def identity(self) -> str:
-        """What the whole input is, by content (:func:`pipeline.store.content_identity`)."""
-        return content_identity(self.dataset if self.dataset is not None else self.data)
+        """What these rows are, by content (:func:`pipeline.store.content_identity`).
+
+        A slice of rows is named by its input and its range; the whole input by the
+        input alone.
+        """
+        whole = content_identity(self.dataset if self.dataset is not None else self.data)
+        return whole if self.is_whole() else f"{whole}[{self.lo}:{self.hi}]"
+
+    def is_whole(self) -> bool:
+        """True when these are all the rows of the input."""
+        return self.lo == 0 and self.hi == int(self.data.shape[0])
 
     def check_finite(self):
         """Raise :class:`InputError` naming the rows with NaN or inf, for in-memory rows only.

@@ -491,10 +491,10 @@ def _passes(X, Y, k, margin, split_every, qblocks, tblocks, calls, step=None, ke
 
 # -------------------------------------------------------------------- radius queries
 
-def _radius_part(queries, value, a, b, start, shift, *, max_key, max_pairs):
+def _radius_part(queries, value, a, b, start, shift, *, max_key, max_pairs, step=None):
     """Task: every row of one training block within the radius of each query of a block."""
     work = thread_work()
-    step = _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize)
+    step = min(step or math.inf, _topk.step_rows(queries["xm2"].shape[0], value.shape[1], value.dtype.itemsize))
     steps = ((start + s, rows) for s, rows in _steps(value, a, b, step, work))
     try:
         found = _topk.radius_steps(queries, steps, max_key, shift=shift, work=work, max_pairs=max_pairs)
@@ -505,15 +505,15 @@ def _radius_part(queries, value, a, b, start, shift, *, max_key, max_pairs):
 
 
 def _radius_combine(parts, *, max_pairs):
-    """Task of the merge tree: the pairs of several parts, checked against the limit."""
+    """Task of the merge tree: the pairs of several parts, checked against the limit first."""
     bad = [p["bad"] for p in parts if "bad" in p]
     if bad:
         return {"bad": np.sort(np.concatenate(bad))}
-    out = {key: np.concatenate([p[key] for p in parts]) for key in ("row", "idx", "dist")}
-    if out["row"].size > max_pairs:
-        counts = np.bincount(out["row"] - out["row"].min())
-        raise _topk.BallTooLarge(int(np.argmax(counts) + out["row"].min()), int(counts.max()), max_pairs)
-    return out
+    if sum(p["row"].size for p in parts) > max_pairs:
+        rows = np.concatenate([p["row"] for p in parts])  # indices only, to name the query
+        counts = np.bincount(rows - rows.min())
+        raise _topk.BallTooLarge(int(np.argmax(counts) + rows.min()), int(counts.max()), max_pairs)
+    return {key: np.concatenate([p[key] for p in parts]) for key in ("row", "idx", "dist")}
 
 
 def _radius_aggregate(parts, *, max_pairs, lo, hi):
@@ -527,7 +527,10 @@ def _radius_aggregate(parts, *, max_pairs, lo, hi):
     return counts, out["idx"][order], out["dist"][order]
 
 
-def _concat_csr(blocks):
+def _concat_csr(blocks, *, max_pairs):
+    total = sum(b[1].size for b in blocks)
+    if total > max_pairs:  # the call's pairs, over every query block
+        raise _topk.BallTooLarge(-1, total, max_pairs)
     counts, idx, dist = zip(*blocks)
     counts = np.concatenate(counts)
     indptr = np.zeros(counts.size + 1, np.int64)
@@ -539,15 +542,20 @@ def _radius_limit(budget):
     # Pairs a radius query may keep: a pair is 24 bytes (query, row, key), held by its
     # task, in the merge tree and in the sorted result, about four copies at most;
     # a quarter of the budget for them.
-    return max(1, parse_budget(budget) // (4 * 4 * 24))
+    return max(1, int(budget) // (4 * 4 * 24))
 
 
 def _radius_csr(X, Y, radius, metric, memory_budget, split_every=None):
     """Exact radius neighbours as CSR parts ``(indptr, indices, keys)``, rows sorted by (key, index)."""
     from functools import partial
 
-    max_pairs = _radius_limit(memory_budget)
-    X, Y, _, _plan, qblocks, tblocks = _arrays(X, Y, memory_budget, 1, metric=metric)
+    # Three quarters of the budget for the ranking, a quarter for the pairs found.
+    budget = parse_budget(memory_budget)
+    max_pairs = _radius_limit(budget)
+    X, Y, _, p, qblocks, tblocks = _arrays(X, Y, max(1, budget * 3 // 4), 1, metric=metric)
+    # The parts of the tasks and of the merges are disjoint pieces of the result: each
+    # is held to the limit before it gathers a pair, the roots and the result to it too.
+    split_every = max(2, int(split_every or _SPLIT_EVERY))
     key = _topk.metric_key(metric)
     max_key = _topk.key_of_radius(radius, metric)
     tok = uuid.uuid4().hex
@@ -559,7 +567,7 @@ def _radius_csr(X, Y, radius, metric, memory_budget, split_every=None):
         shift = (f"pipeline-radius-shift-{tok}",)
         value, a, b = ys[0]
         dsk[shift] = (_shift_task, value, a, min(b, a + 1024))
-    task = partial(_radius_part, max_key=max_key, max_pairs=max_pairs)
+    task = partial(_radius_part, max_key=max_key, max_pairs=max_pairs, step=p["step"])
     roots = []
     for i, (xq, (qa, qb)) in enumerate(zip(xs, qblocks)):
         q = (f"pipeline-radius-query-{tok}", i)
@@ -569,15 +577,20 @@ def _radius_csr(X, Y, radius, metric, memory_budget, split_every=None):
             leaves.append((f"pipeline-radius-part-{tok}", i, j))
             dsk[leaves[-1]] = (task, q, *yt, tblocks[j][0], shift)
         roots.append(reduce_tree(dsk, leaves, partial(_radius_combine, max_pairs=max_pairs),
-                                 f"pipeline-radius-merge-{tok}", split_every=max(2, int(split_every or _SPLIT_EVERY)),
+                                 f"pipeline-radius-merge-{tok}", split_every=split_every,
                                  aggregate=partial(_radius_aggregate, max_pairs=max_pairs, lo=qa, hi=qb),
                                  prefix=(i,)))
     final = (f"pipeline-radius-merge-{tok}",)
-    dsk[final] = (_concat_csr, roots)
+    dsk[final] = (partial(_concat_csr, max_pairs=max_pairs), roots)
     try:
         with thread_buffers():
             (csr,) = compute(delayed_of(dsk, final, deps + xdeps), label="radius neighbours")
     except _topk.BallTooLarge as e:
+        if e.row < 0:
+            raise InputError(
+                f"radius={radius!r}: the queries have {e.count} training rows within the radius in all, more "
+                f"than a radius query may keep in memory_budget={memory_budget!r} ({e.limit} pairs); use a "
+                f"smaller radius, a larger memory budget, fewer queries per call, or kneighbors") from None
         raise InputError(
             f"radius={radius!r}: query row {e.row} has at least {e.count} training rows within the radius, "
             f"more than a radius query may keep in memory_budget={memory_budget!r} ({e.limit} pairs); use a "
@@ -585,10 +598,12 @@ def _radius_csr(X, Y, radius, metric, memory_budget, split_every=None):
     return csr
 
 
-def _check_radius(radius):
+def _check_radius(radius, metric="euclidean"):
     if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
             or not np.isfinite(radius):
         raise InputError(f"radius={radius!r} must be a finite number")
+    if radius < 0 and metric != "ip":  # for "ip" the radius is the smallest product kept
+        raise InputError(f"radius={radius!r} must be >= 0 (a distance)")
     return float(radius)
 
 
@@ -633,7 +648,7 @@ def radius_neighbors(X, Y, radius=1.0, memory_budget=None, return_distance=True,
     ([1, 0], [0.1, 0.9])
     """
     check_metric(metric)
-    indptr, ind, keys = _radius_csr(X, Y, _check_radius(radius), metric, memory_budget)
+    indptr, ind, keys = _radius_csr(X, Y, _check_radius(radius, metric), metric, memory_budget)
     return _ragged(indptr, ind, _topk.distances_from_keys(keys, metric), return_distance)
 
 
@@ -711,7 +726,8 @@ class _Neighbors(BaseEstimator):
         self._validate_params()
         source = as_rows(X, "X")
         source.check_finite()
-        self._fit_X = source.dataset if source.dataset is not None else X  # a URL is opened once
+        # A URL is opened once; a slice of rows stays a slice.
+        self._fit_X = source.dataset if source.dataset is not None and source.is_whole() else X
         self.n_samples_fit_ = int(source.shape[0])
         self.n_features_in_ = int(source.shape[1])
         self.effective_metric_ = self.metric
@@ -760,7 +776,7 @@ class _Neighbors(BaseEstimator):
                 raise InputError(f"n_neighbors={k} is out of range for the training set itself: each of its rows "
                                  f"has {self.n_samples_fit_ - 1} other rows")
             dist, ind = self._neighbors(self._fit_X, int(k) + 1)
-            dist, ind = _drop_self(dist, ind)
+            dist, ind = _drop_self(dist, ind, ip=self.metric == "ip")
         else:
             dist, ind = self._neighbors(self._query_set(X), int(k))
         return (dist, ind) if return_distance else ind
@@ -772,13 +788,17 @@ class _Neighbors(BaseEstimator):
         pass: inputs are compared by content (:meth:`RowSource.identity`: a hash of an
         in-memory array's bytes, a store's files); a dask array is never the same.
         """
+        cache = self._last_pass  # one holder for this call, whatever a concurrent fit does
         source = X if hasattr(X, "identity") else as_rows(X, "X")
         ident = (source.identity(), k, self.metric, self.memory_budget)
-        out = self._last_pass.get(ident)
-        if out is None:
-            out = kneighbors(source, self._fit_X, k, memory_budget=self.memory_budget, metric=self.metric)
-            self._last_pass.put(ident, out)
-        return out[0].copy(), out[1].copy()  # the caller may change its arrays
+        out = cache.get(ident)
+        if out is not None:
+            return out[0].copy(), out[1].copy()  # the caller may change its arrays
+        dist, ind = kneighbors(source, self._fit_X, k, memory_budget=self.memory_budget, metric=self.metric)
+        # Kept only while small beside the budget: a long query set's lists are not held on.
+        if 2 * dist.nbytes <= parse_budget(self.memory_budget) // 8:
+            cache.put(ident, (dist.copy(), ind.copy()))
+        return dist, ind
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """The k-NN graph as a ``scipy.sparse.csr_matrix`` of shape (n_query, n_samples_fit).
@@ -809,7 +829,7 @@ def _check_mode(mode):
         raise InputError(f"mode={mode!r}; choose 'connectivity' or 'distance'")
 
 
-def _drop_self(dist, ind):
+def _drop_self(dist, ind, ip=False):
     """scikit-learn's rule for queries that are the training set: drop each row's own index.
 
     Where the row is not in its list (duplicates of it ranked first), the first
@@ -817,7 +837,9 @@ def _drop_self(dist, ind):
     """
     n = ind.shape[0]
     mask = ind != np.arange(n)[:, None]
-    mask[np.all(mask, axis=1), 0] = False
+    # Under "ip" a row need not be its own nearest: when absent it is beyond the list,
+    # so the list's last entry goes (a distance metric drops the first, a duplicate).
+    mask[np.all(mask, axis=1), -1 if ip else 0] = False
     k = ind.shape[1] - 1
     return dist[mask].reshape(n, k), ind[mask].reshape(n, k)
 
@@ -885,7 +907,7 @@ class NearestNeighbors(_Neighbors):
     def _radius(self, X, radius):
         self._check_fitted()
         self._validate_params()
-        radius = _check_radius(self.radius if radius is None else radius)
+        radius = _check_radius(self.radius if radius is None else radius, self.metric)
         query = self._fit_X if X is None else self._query_set(X)
         indptr, ind, keys = _radius_csr(query, self._fit_X, radius, self.metric, self.memory_budget)
         dist = _topk.distances_from_keys(keys, self.metric)
@@ -979,7 +1001,7 @@ class KNeighborsClassifier(_Neighbors):
             )
         classes, codes = as_classes(y, source.shape[0])
         _check_k(self.n_neighbors, source.shape[0])
-        self._fit_set(source.dataset if source.dataset is not None else X)
+        self._fit_set(X)
         self.classes_, self._y = classes, codes
         return self
 
@@ -1072,7 +1094,7 @@ class KNeighborsRegressor(_Neighbors):
                              "training targets, or a dataset that holds 'y'")
         self._y = as_targets(y, source.shape[0])
         _check_k(self.n_neighbors, source.shape[0])
-        self._fit_set(source.dataset if source.dataset is not None else X)
+        self._fit_set(X)
         return self
 
     def predict(self, X):
@@ -1248,10 +1270,21 @@ def load_graph(url):
     Loads ``graph_data``, ``graph_indices`` and ``graph_indptr`` (16 bytes per
     entry); for more than fits, read slices of those arrays from the store instead.
 
+    Parameters
+    ----------
+    url : str or Path
+        The OUT of ``pipeline knn QUERY TRAIN OUT --graph connectivity|distance``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of shape (n_query, n_train)
+
     Raises
     ------
     InputError
-        The store is not a complete k-NN result, or was written without a graph.
+        The store is not a k-NN result, or was written without a graph.
+    DataError
+        The result is incomplete (rerun the command that writes it).
     """
     import scipy.sparse as sp
 

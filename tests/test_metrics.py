@@ -72,7 +72,13 @@ def test_radius_steps_keep_exactly_the_ball(metric, n, m, seed, quantile):
     rng = np.random.default_rng(seed)
     X, Y = rng.normal(size=(n, 5)), rng.normal(size=(m, 5))
     K = _keys(X, Y, metric)
-    max_key = float(np.quantile(K, quantile))
+    # Midway between two distinct keys: no pair sits on the boundary, where the
+    # kernel's and the reference's last-bit rounding would decide.
+    keys = np.unique(K)
+    i = min(int(quantile * keys.size), keys.size - 2) if keys.size > 1 else 0
+    if keys.size < 2 or keys[i + 1] - keys[i] < 1e-9 * (abs(keys[i]) + 1):
+        return
+    max_key = float((keys[i] + keys[i + 1]) / 2)
     q = topk.prepare_queries(X, metric=metric)
     got = topk.radius_steps(q, [(s, Y[s:s + 64]) for s in range(0, m, 64)], max_key)
     rows, cols = np.nonzero(K <= max_key)
@@ -188,3 +194,27 @@ def test_nan_rows_are_named_for_every_metric():
     for metric in ("cosine", "ip", "manhattan"):
         with pytest.raises(InputError, match=r"Y \(the training set\) has NaN .* row\(s\) 6"):
             pl.kneighbors(X, Y, 2, metric=metric)
+
+
+def test_cosine_sees_tiny_float32_rows_as_unit_rows():
+    # Squares of ~1e-24 underflow in float32: the norms are taken in float64.
+    rng = np.random.default_rng(8)
+    Y = rng.normal(size=(300, 16)).astype(np.float32)
+    X = rng.normal(size=(4, 16)).astype(np.float32)
+    Y[137] = X[0] * np.float32(1e-24)
+    dist, ind = pl.kneighbors(X, Y, 1, metric="cosine")
+    assert ind[0, 0] == 137 and dist[0, 0] < 1e-6
+
+
+def test_inner_product_bound_certifies_unlike_norms_in_the_main_pass():
+    # Unit queries, items of norm ~1e4: a bound by the sum of the squared norms would
+    # leave every query uncertified (the fallbacks); Cauchy-Schwarz's does not.
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(100, 32)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    Y = (rng.normal(size=(2000, 32)) * 1e4).astype(np.float32)
+    q = topk.prepare_queries(X, metric="ip")
+    part = topk.knn_block(q, Y, 5, margin=2, step=500)
+    assert topk.uncertified(part).size < 5
+    ref = np.argsort(-(X.astype(np.float64) @ Y.astype(np.float64).T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(part["idx"], ref)

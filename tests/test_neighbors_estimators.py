@@ -223,3 +223,30 @@ def test_job_file_knn_with_metric_and_graph(tmp_path, digits):
     assert r.returncode == 0, r.stderr
     ref = skn.NearestNeighbors(n_neighbors=3, metric="manhattan", algorithm="brute").fit(X[:1500])
     _same_graph(pl.load_graph(tmp_path / "g.zarr"), ref.kneighbors_graph(X[1500:], mode="distance"))
+
+
+def test_self_neighbours_under_ip_keep_the_true_nearest():
+    # Row 0's largest product is with row 1, not itself: only the list's end may go.
+    Y = np.array([[1.0, 0.0], [10.0, 0.0], [5.0, 0.0], [0.0, 1.0]])
+    nn = pl.NearestNeighbors(n_neighbors=1, metric="ip").fit(Y)
+    assert nn.kneighbors(return_distance=False)[:, 0].tolist() == [1, 2, 1, 0]  # row 3: ties at 0, lowest
+
+
+def test_negative_radius_is_refused_except_for_ip():
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(InputError, match=r"radius=-1.0 must be >= 0 \(a distance\)"):
+        pl.NearestNeighbors(radius=-1.0).fit(X).radius_neighbors(X[:2])
+    ind = pl.NearestNeighbors(radius=-0.5, metric="ip").fit(X).radius_neighbors(X[:2], return_distance=False)
+    assert [sorted(i) for i in ind] == [sorted(np.flatnonzero(X @ X[j] >= -0.5)) for j in range(2)]
+
+
+def test_the_last_pass_is_per_row_range(digits):
+    X, y = digits
+    ds = pl.write_dataset("memory://nbrs-slices/q", X[1000:1100], chunk_rows=50)
+    from pipeline.inputs import as_rows
+
+    src = as_rows(ds, "X")
+    nn = pl.NearestNeighbors(n_neighbors=3).fit(X[:1000])
+    a, b = nn.kneighbors(src.rows(0, 20))[1], nn.kneighbors(src.rows(20, 40))[1]
+    ref = skn.NearestNeighbors(n_neighbors=3, algorithm="brute").fit(X[:1000]).kneighbors(X[1000:1040])[1]
+    np.testing.assert_array_equal(np.vstack([a, b]), ref)

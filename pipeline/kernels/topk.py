@@ -566,8 +566,8 @@ def knn_block(queries, Y, k, offset=0, *, margin=3, shift=None, work=None, step=
     Returns
     -------
     dict
-        ``dist`` (n_queries, min(k, n_rows)) exact squared distances, float64,
-        ascending; ``idx`` int64 global indices; ``bound`` (n_queries,) lower bound
+        ``dist`` (n_queries, min(k, n_rows)) exact ranking keys (:data:`KEYS`:
+        squared distances for ``"sqeuclidean"``), float64, ascending; ``idx`` int64 global indices; ``bound`` (n_queries,) lower bound
         on the exact squared distance of every row that was neither re-ranked nor
         proved worse than ``k`` rows of the block.
 
@@ -713,17 +713,22 @@ def _ranked_steps(queries, steps, shift, work):
                         else np.asarray(shift).astype(xm2.dtype, copy=False), out=yc, casting="unsafe")
         # In the working dtype (SIMD, a third of the float64 cost); the error bound
         # accounts for it.
-        yn = np.einsum("ij,ij->i", yc, yc)
-        unfit = _unfit_rows(yn, yc.dtype)
+        if metric == "cosine":
+            # Norms accumulated in float64 (float32 squares of tiny rows underflow), as
+            # the exact re-rank's: unit rows in the working dtype, whose rounding is
+            # within the bound below, which counts ||y||^2 = 1 for each.
+            yn = row_norms_sq(Y)
+            unfit = _unfit_rows(yn, np.float64)
+        else:
+            yn = np.einsum("ij,ij->i", yc, yc)
+            unfit = _unfit_rows(yn, yc.dtype)
         if unfit.size or bad:
             # The task fails; its remaining steps are only checked.
             bad.append(unfit + offset)
             continue
         if metric == "cosine":
-            # Unit rows in the working dtype: their norm's rounding (<= gamma_d) is
-            # within the bound below, which counts ||y||^2 = 1 for each.
-            yc *= _inverse_norms(yn)[:, None]
-            yn = (yn > 0).astype(yn.dtype)
+            yc *= _inverse_norms(yn).astype(yc.dtype)[:, None]
+            yn = (yn > 0).astype(np.float64)
         S = np.matmul(xm2, yc.T, out=scratch(work, "S", (n, m), xm2.dtype))
         if euclidean:
             # Ranking within a row needs ||y||^2 - 2 x.y only: the query norm is
@@ -731,7 +736,16 @@ def _ranked_steps(queries, steps, shift, work):
             S += yn[None, :]
         del yc
         # |approximate - exact| <= err for every entry of the row (exact = S + xn).
-        yield offset, Y, S, _error_bound(S.dtype, Y.shape[1]) * (xs + float(yn.max()))
+        # Plus what underflow can lose: each of the d products by at most the smallest
+        # normal number.
+        tiny = 2 * Y.shape[1] * float(np.finfo(S.dtype).tiny)
+        if euclidean:
+            scale = xs + float(yn.max())
+        else:
+            # |fl(x.y) - x.y| <= gamma_d sum |x_i y_i| <= gamma_d ||x|| ||y|| (Cauchy-Schwarz):
+            # tighter than the sum of the squares when the norms differ.
+            scale = np.sqrt(xs) * np.sqrt(float(yn.max()))
+        yield offset, Y, S, _error_bound(S.dtype, Y.shape[1]) * scale + tiny
     if bad:
         raise NonFiniteRows(np.concatenate(bad))
 
@@ -784,21 +798,25 @@ def radius_steps(queries, steps, max_key, *, shift=None, work=None, max_pairs=No
     big = np.finfo(np.float64).eps * 4
     for offset, Y, S, err in ranked:
         if manhattan:
-            rows, cols = np.nonzero(S <= max_key)
-            d = S[rows, cols]
+            mask = np.less_equal(S, max_key, out=scratch(work, "mask", S.shape, np.bool_))
         else:
             t = max_key - queries["xn"] + err
             t += big * (abs(max_key) + queries["xn"] + err)
             thr = np.nextafter(t.astype(S.dtype), np.inf)
             mask = np.less_equal(S, thr[:, None], out=scratch(work, "mask", S.shape, np.bool_))
-            rows, cols = np.divmod(np.flatnonzero(mask), Y.shape[0])
+        # Counted before any pair is gathered: a ball too large fails inside the budget.
+        per_row = np.count_nonzero(mask, axis=1)
+        if max_pairs is not None and total + int(per_row.sum()) > max_pairs:
+            counts = per_row + (np.bincount(np.concatenate(found["row"]), minlength=n) if found["row"] else 0)
+            raise BallTooLarge(int(np.argmax(counts)) + queries["offset"], int(counts.max()), int(max_pairs))
+        rows, cols = np.divmod(np.flatnonzero(mask), Y.shape[0])
+        if manhattan:
+            d = S[rows, cols]
+        else:
             d = _exact_pairs(queries, Y, rows, cols, work)
             keep = d <= max_key
             rows, cols, d = rows[keep], cols[keep], d[keep]
         total += rows.size
-        if max_pairs is not None and total > max_pairs:
-            counts = np.bincount(np.concatenate(found["row"] + [rows]), minlength=n)
-            raise BallTooLarge(int(np.argmax(counts)) + queries["offset"], int(counts.max()), int(max_pairs))
         found["row"].append(rows.astype(np.int64))
         found["idx"].append(cols.astype(np.int64) + np.int64(offset))
         found["dist"].append(d.astype(np.float64))
