@@ -932,7 +932,29 @@ class NearestNeighbors(_Neighbors):
         return sp.csr_matrix((data, ind, indptr), shape=(indptr.size - 1, self.n_samples_fit_))
 
 
-class KNeighborsClassifier(_Neighbors):
+class _Supervised(_Neighbors):
+    """The classifier's and the regressor's shared parameters and their ``y``."""
+
+    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None, metric="euclidean"):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.memory_budget = memory_budget
+        self.metric = metric
+
+    def _fit_targets(self, X, y, what):
+        """The training set as a row source and its ``y`` (a dataset's own when not given)."""
+        self._validate_params()
+        source = as_rows(X, "X")
+        if y is None and source.dataset is not None and source.dataset.y_zarr is not None:
+            y = source.dataset.y_zarr[source.lo:source.hi]
+        if y is None:
+            raise InputError(f"{type(self).__name__} requires y to be passed, but the target y is None: pass "
+                             f"the training {what}, or a dataset that holds 'y'")
+        _check_k(self.n_neighbors, source.shape[0])
+        return source, y
+
+
+class KNeighborsClassifier(_Supervised):
     """k-nearest-neighbours vote, exact and out of core, with scikit-learn's API.
 
     ``fit`` only keeps a reference to the training set (an array, a dask or Zarr
@@ -969,12 +991,6 @@ class KNeighborsClassifier(_Neighbors):
     _estimator_type = "classifier"
     _requires_y = True
 
-    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None, metric="euclidean"):
-        self.n_neighbors = n_neighbors
-        self.weights = weights
-        self.memory_budget = memory_budget
-        self.metric = metric
-
     def fit(self, X, y=None):
         """Remember the training set and its labels (no pass over the data).
 
@@ -990,17 +1006,8 @@ class KNeighborsClassifier(_Neighbors):
         -------
         self
         """
-        self._validate_params()
-        source = as_rows(X, "X")
-        if y is None and source.dataset is not None and source.dataset.y_zarr is not None:
-            y = source.dataset
-        if y is None:
-            raise InputError(
-                "KNeighborsClassifier requires y to be passed, but the target y is None: pass the training "
-                "labels, or a dataset that holds labels 'y'"
-            )
+        source, y = self._fit_targets(X, y, "labels")
         classes, codes = as_classes(y, source.shape[0])
-        _check_k(self.n_neighbors, source.shape[0])
         self._fit_set(X)
         self.classes_, self._y = classes, codes
         return self
@@ -1024,7 +1031,7 @@ class KNeighborsClassifier(_Neighbors):
         return float(np.mean(pred == as_labels(y, pred.shape[0])))
 
 
-class KNeighborsRegressor(_Neighbors):
+class KNeighborsRegressor(_Supervised):
     """k-nearest-neighbours regression, exact and out of core, with scikit-learn's API.
 
     The prediction is the mean of the neighbours' targets, or with
@@ -1066,12 +1073,6 @@ class KNeighborsRegressor(_Neighbors):
         tags.target_tags.multi_output = True
         return tags
 
-    def __init__(self, n_neighbors=5, weights="uniform", memory_budget=None, metric="euclidean"):
-        self.n_neighbors = n_neighbors
-        self.weights = weights
-        self.memory_budget = memory_budget
-        self.metric = metric
-
     def fit(self, X, y=None):
         """Remember the training set and its targets (no pass over the data).
 
@@ -1085,15 +1086,8 @@ class KNeighborsRegressor(_Neighbors):
         -------
         self
         """
-        self._validate_params()
-        source = as_rows(X, "X")
-        if y is None and source.dataset is not None and source.dataset.y_zarr is not None:
-            y = source.dataset.y_zarr[...]
-        if y is None:
-            raise InputError("KNeighborsRegressor requires y to be passed, but the target y is None: pass the "
-                             "training targets, or a dataset that holds 'y'")
+        source, y = self._fit_targets(X, y, "targets")
         self._y = as_targets(y, source.shape[0])
-        _check_k(self.n_neighbors, source.shape[0])
         self._fit_set(X)
         return self
 
