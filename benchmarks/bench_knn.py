@@ -245,22 +245,22 @@ def _gemm_rates(dtype, shapes, env):
 def _kernel_gemm_shape(case, paths, budget, threads):
     """The k-NN kernel's GEMM: (query_rows x d) . (d x training rows per step).
 
-    ``query_rows`` from the plan for the budget; the step as the kernel takes it from the
-    stored training set (``kernels.topk.step_rows``, rounded to whole Zarr chunks by
-    ``neighbors._read_step``).
+    ``query_rows`` and the step from the plan for the budget (``plan(...)["step"]``),
+    the step rounded to whole Zarr chunks when a chunk is at most two steps, as the
+    tasks read them.
     """
     import zarr
 
     import pipeline as pl
-    from pipeline.kernels.topk import step_rows
-    from pipeline.neighbors import _read_step
 
     itemsize = np.dtype(case["dtype"]).itemsize
     p = pl.plan("knn", n_query=case["n_query"], n_train=case["n_train"], n_features=case["d"],
                 k=case["k"], itemsize=itemsize, memory_budget=budget, threads=threads)
-    q = int(p["query_rows"])
+    q, step = int(p["query_rows"]), int(p["step"])
     chunk = zarr.open_group(paths["train_zarr"], mode="r")["X"].chunks[0]
-    return (q, case["d"], min(case["n_train"], _read_step(step_rows(q, case["d"], itemsize), chunk)))
+    if chunk <= 2 * step:
+        step = max(1, round(step / chunk)) * chunk
+    return (q, case["d"], min(case["n_train"], step))
 
 
 def _make_data(case, directory):
