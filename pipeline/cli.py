@@ -125,6 +125,8 @@ def build_parser():
             q.add_argument("--n-train", type=_positive_int)
         if op == "knn":
             q.add_argument("--k", type=_positive_int, default=5)
+            q.add_argument("--metric", choices=METRICS, default="euclidean",
+                           help="manhattan is planned in float64 steps (exact L1); the others as the data")
         q.add_argument("--n-features", type=_positive_int)
         q.add_argument("--dtype", choices=["uint8", "float32", "float64"])
         _common(q)
@@ -284,7 +286,8 @@ def _run_plan(a):
         if a.op == "knn":
             # From a TRAIN store the tasks read their steps (as `pipeline knn` plans); from
             # shapes alone the plan holds whole training blocks, as for a dask array.
-            p = plan("knn", n_query=nq, n_train=nt, n_features=d, k=a.k, itemsize=size,
+            p = plan("knn", n_query=nq, n_train=nt, n_features=d, k=a.k,
+                     itemsize=8 if a.metric == "manhattan" else size,
                      memory_budget=a.memory_budget, threads=_plan_threads(a), train_held=not a.train)
         else:
             p = plan("distances", n_x=nq, n_y=nt, n_features=d, itemsize=size,

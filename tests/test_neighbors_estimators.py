@@ -250,3 +250,10 @@ def test_the_last_pass_is_per_row_range(digits):
     a, b = nn.kneighbors(src.rows(0, 20))[1], nn.kneighbors(src.rows(20, 40))[1]
     ref = skn.NearestNeighbors(n_neighbors=3, algorithm="brute").fit(X[:1000]).kneighbors(X[1000:1040])[1]
     np.testing.assert_array_equal(np.vstack([a, b]), ref)
+
+
+def test_cli_plan_knn_plans_manhattan_in_float64():
+    shape = ("plan", "knn", "--n-query", 100, "--n-train", 5000, "--n-features", 32, "--dtype", "float32",
+             "--memory-budget", "64MiB")
+    assert "itemsize=4" in _cli(*shape).stdout and "itemsize=4" in _cli(*shape, "--metric", "cosine").stdout
+    assert "itemsize=8" in _cli(*shape, "--metric", "manhattan").stdout
