@@ -46,7 +46,7 @@ JOBS = {
     # G1 of MEASURING.md: 200000 x 64 float64, 16 components, 10 EM iterations.
     "gmm": dict(n=200_000, d=64, K=16, iters=10, budget="1GiB"),
 }
-KNN_SPLIT_EVERY, GMM_SPLIT_EVERY = 8, 4  # the tree widths of neighbors.py / mixture.py
+KNN_SPLIT_EVERY, GMM_SPLIT_EVERY = 8, 4  # the tree widths of neighbors/search.py / mixture.py
 
 
 def _pipeline(*argv, check=True):

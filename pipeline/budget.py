@@ -207,7 +207,7 @@ def cost_knn(bq, bt, *, n_features, itemsize, k, threads, n_train_blocks, step=N
     d = n_features
     cand = k + 2 + k // 8  # k + neighbors' default margin
     step = _topk.step_rows(bq, d, itemsize) if step is None else int(step)
-    # Steps read from Zarr are rounded to whole chunks (neighbors._read_step): at most
+    # Steps read from Zarr are rounded to whole chunks (neighbors.search._read_step): at most
     # twice the kernel's step.
     rows = min(bt, 2 * step)
     if train_held:

@@ -116,7 +116,7 @@ def test_budgets_and_dask_and_zarr_inputs(tmp_path, digits, budget):
 
 
 def test_graph_keys_and_no_data_embedded(tmp_path):
-    from pipeline.neighbors import _arrays, _records_graph
+    from pipeline.neighbors.search import _arrays, _records_graph
 
     rng = np.random.default_rng(3)
     pl.write_dataset(tmp_path / "t.zarr", rng.standard_normal((3000, 16)), chunk_rows=500)
@@ -333,7 +333,7 @@ def test_kneighbors_on_real_cluster(tmp_path, dask_cluster):
 
 
 def test_uncertified_rows_go_through_wide_then_exact_pass(monkeypatch):
-    import pipeline.neighbors as nb
+    import pipeline.neighbors.search as nb
 
     calls = []
     real = nb._records_graph
@@ -457,7 +457,7 @@ def test_bad_margin_and_unknown_chunks_are_input_errors():
 
 
 def test_piece_errors_are_renumbered_in_the_cli_words():
-    from pipeline.neighbors import _absolute_rows
+    from pipeline.neighbors.results import _absolute_rows
 
     e = InputError("X (the query set) has NaN or infinite values (or values too large to square) in "
                    "row(s) 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 6 more; remove or impute those rows")

@@ -182,7 +182,7 @@ def test_one_row_jobs_stay_inside_their_smallest_budgets(tmp_path):
 
 def test_fallback_passes_keep_the_plans_query_blocks(monkeypatch):
     """Exact ties send queries to the wide and exact passes: in blocks no larger than the plan's."""
-    from pipeline import neighbors
+    from pipeline.neighbors import search as neighbors
 
     rng = np.random.default_rng(2)
     Y = np.repeat(rng.integers(0, 3, (40, 8)).astype(np.float32), 25, axis=0)  # every row 25 times

@@ -14,7 +14,7 @@ traced peak is compared with the formula's total:
 * k-NN query preparation: ``prepare_queries`` on 1000 queries of d=3072, against
   ``queries_workspace``;
 * k-NN step task: ``knn_steps`` over a training block of three steps of
-  ``step_rows`` rows, called as ``pipeline.neighbors._part`` calls it, against
+  ``step_rows`` rows, called as ``pipeline.neighbors.search._part`` calls it, against
   ``steps_workspace`` + one set of running lists (``lists_workspace``);
 * EM block: ``em_block_stats`` on 4096 rows, d=64, K=16 (pruned E-step: K >= 3 and
   d <= 1024, on separated clusters so the pruned path is really taken) and K=2
@@ -53,7 +53,7 @@ import pytest
 
 from pipeline import distances as _dist
 from pipeline import mixture as _mix
-from pipeline import neighbors as _nb
+from pipeline.neighbors import search as _nb
 from pipeline.kernels import distances as _kd
 from pipeline.kernels import gaussian as _g
 from pipeline.kernels import topk as _topk
@@ -173,7 +173,7 @@ def test_knn_query_preparation(dtype):
 def test_knn_step_task(d, dtype, k):
     """One task of knn_steps: 1000 queries against a training block of three steps.
 
-    As pipeline.neighbors._part runs it: step = step_rows(...), the default margin
+    As pipeline.neighbors.search._part runs it: step = step_rows(...), the default margin
     (n_candidates = k + 2 + k // 8), a shift, the thread's scratch dict, no board.
     Three steps: the first is cut by rank (select_smallest), the later ones by the
     threshold on the running k-th distance (the mask), with the rank cut for the
