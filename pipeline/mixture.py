@@ -733,7 +733,7 @@ class GaussianMixture(BaseEstimator):
 
         self._check_fitted()
         source = as_rows(X, "X")
-        source.check_finite()  # in-memory rows only: lazy input stays lazy, unread here
+        # NaN and inf rows are named by the tasks that read them (_wlp_block), for every kind of input.
         if source.shape[1] != self.means_.shape[1]:
             raise InputError(f"X has {source.shape[1]} features, but GaussianMixture is expecting "
                              f"{self.means_.shape[1]} features as input (the model was fitted with "
