@@ -163,3 +163,21 @@ def run_measured(code, *, setup="", imports="import pipeline, numpy, dask.array,
 
 
 _IDLE = {}
+
+
+def record_step_widths(monkeypatch):
+    """The training rows of every k-NN GEMM step run from now on (``kernels.topk.knn_steps`` spied)."""
+    import pipeline.kernels.topk as topk
+
+    widths = []
+    real = topk.knn_steps
+
+    def spy(queries, steps, k, **kw):
+        def seen():
+            for off, rows in steps:
+                widths.append(rows.shape[0])
+                yield off, rows
+        return real(queries, seen(), k, **kw)
+
+    monkeypatch.setattr(topk, "knn_steps", spy)
+    return widths

@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits, load_iris
 from sklearn.neighbors import KNeighborsClassifier as SkKNN
 
 import pipeline as pl
+from conftest import record_step_widths
 from pipeline.cli import main
 from pipeline.errors import InputError
 
@@ -425,17 +426,7 @@ def test_in_memory_training_blocks_are_ranked_in_steps(monkeypatch):
     step's ranking block, not a whole block's)."""
     import pipeline.kernels.topk as topk
 
-    widths = []
-    real = topk.knn_steps
-
-    def spy(queries, steps, k, **kw):
-        def seen():
-            for off, rows in steps:
-                widths.append(rows.shape[0])
-                yield off, rows
-        return real(queries, seen(), k, **kw)
-
-    monkeypatch.setattr(topk, "knn_steps", spy)
+    widths = record_step_widths(monkeypatch)
     monkeypatch.setattr(topk, "STEP_BYTES", 64 * 1024)
     rng = np.random.default_rng(14)
     Y, X = rng.standard_normal((3000, 16)), rng.standard_normal((40, 16))

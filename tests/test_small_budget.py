@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import pipeline as pl
-from conftest import run_measured
+from conftest import run_measured, record_step_widths
 from pipeline.budget import parse_budget, plan
 from pipeline.errors import BudgetError
 from pipeline.kernels import topk
@@ -73,17 +73,7 @@ def test_issue_case_runs_and_equals_brute_force(budget):
 def test_steps_are_planned_and_shrink_with_the_budget(monkeypatch):
     """The tasks step through their blocks in the plan's steps, far below the old 256-row floor."""
     Xq, Xtr = issue_arrays()
-    widths = []
-    real = topk.knn_steps
-
-    def spy(queries, steps, k, **kw):
-        def seen():
-            for off, rows in steps:
-                widths.append(rows.shape[0])
-                yield off, rows
-        return real(queries, seen(), k, **kw)
-
-    monkeypatch.setattr(topk, "knn_steps", spy)
+    widths = record_step_widths(monkeypatch)
     shape = dict(n_query=300, n_train=3000, n_features=256, k=5, itemsize=4, threads=pl.runtime.dask_threads(),
                  train_held=False)
     big, small = plan("knn", memory_budget="1GiB", **shape), plan("knn", memory_budget="8MiB", **shape)
