@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from .errors import BudgetError
 from .kernels import distances as _kd
 from .kernels import covariances as _cv
+from .kernels import gaussian as _g
 from .kernels import topk as _topk
 from .runtime import RUNTIME_OVERHEAD, TASK_OVERHEAD, dask_threads, runtime_overhead
 from .sizes import default_budget, format_bytes, parse_budget
@@ -457,7 +458,7 @@ def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4,
 
 
 def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8, chunk_rows=None,
-              covariance_type="full", x_compressed=True):
+              covariance_type="full", x_compressed=True, component_group=None, workers=1, sharded=None):
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
     try:
         _cv.check_type(covariance_type)
@@ -478,28 +479,21 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     # Aim for row blocks of at least 1024 rows (GEMM efficiency); shrink the component
     # group before the rows, the rows only when one component alone does not fit.
     target = min(n, 1024)
-    # Only full covariances are split into component groups: the others' parameters
-    # and statistics are K x d (tied: one d x d), not K x d x d.
-    smallest = 1 if covariance_type == "full" else K
-    group = _largest(lambda g: peak(target, g) <= budget, smallest, K)
-    if group is None and covariance_type != "full":
-        if peak(best(K), K) > budget:
-            _too_small("gmm", budget, peak(best(K), K), f"its smallest blocks with all {K} components "
-                       f"({covariance_type})")
-        group = K
-    if group is None:
-        # No group gets blocks of `target` rows.  Split the components (two passes per
-        # group) only if all of them would not get blocks of 64 rows, or do not fit.
-        least = {g: peak(best(g), g) for g in (1, K)}
-        if min(least.values()) > budget:
-            what = "its smallest blocks"
-            held = next(i.total for i in cost(1, 1) if i.name.startswith("parameters"))
-            if held > least[1] / 2:  # say what dominates: K d^2 parameters, not X
-                what += (f" (the parameters of all {K} components, three {K} x {d} x {d} float64 arrays held in "
-                         f"the driver, are {format_bytes(held)} of it)")
-            _too_small("gmm", budget, min(least.values()), what)
-        whole = least[K] <= budget and peak(max(best(K), min(n, 64)), K) <= budget
-        group = K if whole or least[1] > budget else 1
+    # Only full covariances are sharded by component: the others' parameters and
+    # statistics are K x d (tied: one d x d), not K x d x d.
+    group = K
+    if covariance_type != "full" and peak(target, K) > budget and peak(best(K), K) > budget:
+        _too_small("gmm", budget, peak(best(K), K), f"its smallest blocks with all {K} components "
+                   f"({covariance_type})")
+    if covariance_type == "full":
+        # All parameters in one process while they fit beside blocks of `target` rows
+        # (or of 64 at least); else (or when the caller asks for groups, or plans for a
+        # cluster) sharded by component, never whole in one process.
+        whole = peak(target, K) <= budget or (peak(best(K), K) <= budget
+                                              and peak(max(best(K), min(n, 64)), K) <= budget)
+        if sharded is not False and (sharded or component_group is not None or workers > 1 or not whole):
+            return _plan_gmm_sharded(budget, threads, n=n, d=d, K=K, itemsize=itemsize, chunk_rows=chunk_rows,
+                                     x_compressed=x_compressed, component_group=component_group, workers=workers)
     fits = lambda r: peak(r, group) <= budget
     # Whole stored chunks first; else the largest block above the least peak.
     if chunk_rows and chunk_rows < n and fits(chunk_rows):
@@ -511,12 +505,126 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
     # per block (a block straddling chunks decodes up to two more), if that still fits.
     even = align_rows(min(rows, max(target, math.ceil(n / (4 * threads)))), chunk_rows, n)
     rows = even if fits(even) else align_rows(rows, chunk_rows, n)
-    n_groups = math.ceil(K / group)
-    params = {"rows": rows, "component_group": group, "component_groups": n_groups,
-              "passes": 1 if n_groups == 1 else 2 * n_groups}
-    return Plan("gmm", budget, threads, params, cost(rows, group),
+    params = {"rows": rows, "component_group": K, "component_groups": 1, "sharded": False, "passes": 1}
+    return Plan("gmm", budget, threads, params, cost(rows, K),
                 {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize,
                  "covariance_type": covariance_type})
+
+
+def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsize, threads, order="rows",
+                     m_runs=1, chunk_rows=None, x_compressed=True):
+    """Cost table of one process of the sharded EM pass (:mod:`pipeline.shards`).
+
+    ``rows``-row blocks, ``group`` components per task group; ``order`` ``"rows"`` (a
+    task holds a row block, the groups stream past) or ``"groups"`` (a task holds a
+    group, the row blocks stream past); ``m_runs`` row runs per group in the M-step,
+    whose statistics meet in one task.  The driver holds O(K d) numbers.
+    """
+    n, d, K = n_samples, n_features, n_components
+    g = min(group, K)
+    r = min(_g.PRUNE_DIRECTIONS, d - 1)
+    f8 = 8
+    prune = K >= _g.PRUNE_MIN_COMPONENTS and d <= _g.PRUNE_MAX_FEATURES
+    slice_rows = min(rows, _g.prune_rows(d) if prune else _g.inner_rows(d))
+    inner = min(rows, _g.inner_rows(d))
+    stats = _g.stats_bytes(g, d)
+    x_block = rows * d * itemsize + (rows * d * f8 if itemsize != 8 else 0)
+    # E task: its block, the group's factors as read and concatenated (+ bound
+    # directions), the log-densities it writes, the rows' bounds, one slice's buffers.
+    e_logp = rows * (K if order == "rows" else g) * f8
+    e_task = (x_block + 2 * g * (d + 1) * d * f8 + 2 * g * d * r * f8 + e_logp
+              + (2 * rows * K * f8 if prune else 0)
+              + slice_rows * (2 * d + 2 + 5 * g + g * r) * f8 + inner * (d + 1 + min(g, _g.gemm_group(K, d)) * d) * f8)
+    if order == "groups":  # the log-sum-exp pass reads a row block's K log-densities
+        e_task = max(e_task, 2 * rows * K * f8)
+    # M task: its block, responsibilities (read and exponentiated), the weighted rows,
+    # a gathered copy, the group's statistics it accumulates.
+    m_task = x_block + 3 * rows * g * f8 + 2 * rows * d * f8 + stats
+    # The group's task: the runs' statistics and their sum, covariances, factors, one
+    # SVD's copy of the factors (the pruning bounds).
+    m_group = (m_runs + 1) * stats + 3 * g * d * d * f8 + 2 * g * d * r * f8
+    e_phase = threads * e_task
+    at_once = min(threads, m_runs)
+    m_phase = max(at_once * m_task, m_group + (at_once - 1) * m_task)
+    # The phases run one after the other: the larger counts, the other is listed (x 0).
+    items = [
+        CostItem("parameters (driver)", 8 * K * d * f8 + 16 * K * f8, 1,
+                 "O(K d): means, weights, log-dets, bounds' terms; never K d^2"),
+        CostItem("E-step task (block x group)", e_task, threads if e_phase >= m_phase else 0,
+                 f"order {order}: X block, {g} factors, log-densities, bounds"),
+        CostItem("M-step runs + group's sum", m_phase, 1 if m_phase > e_phase else 0,
+                 f"{at_once} run(s) of one group at once, then its new parameters"),
+    ]
+    if chunk_rows and rows < chunk_rows:
+        items.append(CostItem("stored chunk, read whole", chunk_rows * d * itemsize, (1 + x_compressed) * threads,
+                              "a block smaller than its chunk"))
+    n_blocks = math.ceil(n / rows)
+    n_groups = math.ceil(K / g)
+    return _with_runtime(items, tasks=n_blocks * (1 if order == "rows" else 2) + n_groups * (1 + m_runs) + n_blocks)
+
+
+def sharded_traffic(rows, group, order, *, n_samples, n_features, n_components, itemsize, m_runs=1):
+    """Per EM iteration of the sharded pass: reads of X and of the factors, and the bytes moved."""
+    n, d, K = n_samples, n_features, n_components
+    n_blocks, n_groups = math.ceil(n / rows), math.ceil(K / group)
+    x, p, logp = n * d * itemsize, K * d * (d + 1) * 8, n * K * 8
+    if order == "rows":
+        e_x, e_p, e_logp = 1, n_blocks, 1
+    else:
+        runs = min(n_blocks, max(1, m_runs))
+        e_x, e_p, e_logp = n_groups, runs, 2  # written, then read back for the log-sum-exp
+    m_x = n_groups
+    return {"x_reads": e_x + m_x, "param_reads": e_p, "x_bytes": (e_x + m_x) * x, "param_bytes": e_p * p,
+            "scratch_bytes": (e_logp + 1) * logp + (1 + n_groups) * n * 8,
+            "written_bytes": 2 * K * d * d * 8 + logp,
+            "bytes": (e_x + m_x) * x + e_p * p + (e_logp + 1) * logp + 2 * K * d * d * 8}
+
+
+def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compressed, component_group=None,
+                      workers=1):
+    """The sharded EM plan: the group size, row blocks and order that move the fewest bytes."""
+    workers = _positive("workers", workers)
+    tasks = threads * workers
+    m_runs_of = lambda rows: min(math.ceil(n / rows), tasks)
+
+    def cost(rows, g, order):
+        return cost_gmm_sharded(rows, g, n_samples=n, n_features=d, n_components=K, itemsize=itemsize,
+                                threads=threads, order=order, m_runs=m_runs_of(rows), chunk_rows=chunk_rows,
+                                x_compressed=x_compressed)
+
+    peak = lambda rows, g, order: sum(i.total for i in cost(rows, g, order))
+    # Blocks for every thread of the cluster, twice over (the E tasks of "rows" order).
+    most_rows = max(1, math.ceil(n / (2 * tasks)))
+    groups = [min(int(component_group), K)] if component_group is not None else _grid(1, K)
+    best = None
+    for g in groups:
+        for order in ("rows", "groups"):
+            rows = _largest_above_least(lambda r: peak(r, g, order), budget, 1, most_rows)
+            if rows is None:
+                continue
+            if chunk_rows and rows >= chunk_rows:
+                rows = align_rows(rows, chunk_rows, n)
+                if peak(rows, g, order) > budget:
+                    continue
+            t = sharded_traffic(rows, g, order, n_samples=n, n_features=d, n_components=K, itemsize=itemsize,
+                                m_runs=m_runs_of(rows))
+            # Blocks of 2048 rows or more where they fit (the GEMMs' efficiency), then
+            # the fewest bytes moved, then fewer, larger tasks.
+            rank = (rows < min(most_rows, 2048), t["bytes"], -rows, -g)
+            if best is None or rank < best[0]:
+                best = (rank, rows, g, order, t)
+    if best is None:
+        g = groups[0] if component_group is not None else 1
+        least = min((peak(r, g, o), r, o) for r in _grid(1, most_rows) for o in ("rows", "groups"))
+        _too_small("gmm", budget, least[0], f"one component at a time (sharded parameters, {least[1]}-row blocks)"
+                   if g == 1 else f"{g} components at a time (sharded parameters)")
+    _, rows, g, order, t = best
+    n_groups = math.ceil(K / g)
+    params = {"rows": rows, "component_group": g, "component_groups": n_groups, "sharded": True, "order": order,
+              "m_runs": m_runs_of(rows), "workers": workers, "passes": 1 + n_groups, **t}
+    return Plan("gmm", budget, threads, params, cost(rows, g, order),
+                {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize,
+                 "covariance_type": "full"})
 
 
 _PLANNERS = {"distances": _plan_distances, "knn": _plan_knn, "gmm": _plan_gmm}

@@ -37,9 +37,11 @@ from .inputs import as_rows, check_finite_rows
 from .kernels import covariances as _cv
 from .kernels import gaussian as _g
 from .kernels import kmeans as _km
+from . import shards as sh
 from .runtime import (compute, delayed_of, persist, reduce_tree, shared_key, source_key, thread_buffers,
                       thread_work)
 from .store.reads import read_block
+from .store.urls import open_group
 from .store.results import ResultWriter, content_identity, existing, job_fingerprint, open_result
 
 __all__ = ["GaussianMixture", "ConvergenceWarning", "em_step", "fit_to_store", "predict_to_store"]
@@ -130,68 +132,8 @@ def _em_stats_graph(X, weights, means, precisions_cholesky, shift, component_gro
                           store=store)
 
 
-def _lse_chunk(block, prepared):
-    return _g.logsumexp_rows(_g.weighted_log_prob(block, prepared))
-
-
-def _em_step_grouped(X, weights, means, precisions_cholesky, shift, group, split_every):
-    """Two passes per component group, for when all groups do not fit at once.
-
-    Pass A: per block and group, the log-sum-exp of the group's weighted
-    log-probabilities, combined over groups with ``logaddexp`` -> the per-row
-    normaliser (n,), kept as a persisted dask array (8 bytes a row).  Pass B, per
-    group: responsibilities ``exp(logp - lse)`` and that group's statistics.
-    """
-    import dask
-    import dask.array as da
-
-    K = len(weights)
-    bounds = [(a, min(a + group, K)) for a in range(0, K, group)]
-
-    def prep(a, b):
-        # Made per pass, not kept for all groups: one group's factors at a time.
-        p = _g.prepare_parameters(weights[a:b], means[a:b], precisions_cholesky[a:b], shift=shift[a:b],
-                                  prune=False)
-        # prepare_parameters takes log(weights) of the group's own weights: these are
-        # the global weights, not renormalised within the group, as the E-step needs.
-        return p
-
-    lse = None
-    for i, (a, b) in enumerate(bounds):
-        part = X.map_blocks(_lse_chunk, dask.delayed(prep(a, b), traverse=False), drop_axis=1,
-                            dtype=np.float64, token=f"pipeline-em-lse{i}")
-        # Persist group by group: the running normaliser is (n,), the graph stays small.
-        (lse,) = persist(part if lse is None else da.logaddexp(lse, part))
-    lse_blocks = lse.to_delayed().ravel()
-    out = None
-    for a, b in bounds:
-        p = prep(a, b)
-        # Separate computes per group: only one group's statistics are alive at a time.
-        graph = _reduce_blocks(X, _group_stats_chunk, _g.combine_stats, p, "em-group",
-                               split_every=split_every, extras=lse_blocks)
-        (stats,) = compute(graph, label="EM (component group)")
-        if out is None:
-            d = X.shape[1]
-            out = {"N": np.zeros(K), "S1": np.zeros((K, d)), "S2": np.zeros((K, d, d)),
-                   "log_likelihood": 0.0, "n": stats["n"]}
-        out["N"][a:b] = stats["N"]
-        out["S1"][a:b] = stats["S1"]
-        out["S2"][a:b] = stats["S2"]
-    (ll,) = compute(lse.sum(), label="EM (log-likelihood)")
-    out["log_likelihood"] = float(ll)
-    return out
-
-
-def _group_stats_chunk(block, prepared, lse):
-    block = np.ascontiguousarray(block, dtype=np.float64)
-    logp = _g.weighted_log_prob(block, prepared)
-    logp -= lse[:, None]
-    np.exp(logp, out=logp)
-    return _g.resp_block_stats(block, logp, prepared["shift"])
-
-
-def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covariance_type="full",
-            shift=None, split_every=None, plan=None):
+def em_step(X, weights=None, means=None, precisions_cholesky=None, memory_budget=None, *, covariance_type="full",
+            shift=None, split_every=None, plan=None, params=None, out=None):
     """One fused E+M pass over ``X``: the sufficient statistics of an EM iteration.
 
     Parameters
@@ -203,6 +145,9 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covar
     precisions_cholesky : ndarray
         Of the type's shape (scikit-learn's ``precisions_cholesky_``): (K, d, d) full,
         (d, d) tied, (K, d) diag, (K,) spherical.
+    params : str, Path or zarr.Group, optional
+        Instead of the three arrays: a model store (``pipeline gmm fit``'s, or any group
+        of sharded full-covariance parameters), read a component group at a time.
     memory_budget : int or str, optional
         Bytes above the idle process (see :func:`pipeline.budget.parse_budget`).
     covariance_type : {"full", "tied", "diag", "spherical"}, default "full"
@@ -213,6 +158,9 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covar
         Width of the summation tree.
     plan : Plan, optional
         A plan from ``pipeline.plan("gmm", ...)`` (default: made from the budget).
+    out : str or Path, optional
+        Where the statistics go when the plan shards the components (they do not fit
+        the budget): a Zarr group receiving ``S2``; default a new temporary directory.
 
     Returns
     -------
@@ -222,6 +170,8 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covar
         (K, d) ``sum r (x - shift)^2``; tied: (d, d) over every row, with ``T1``),
         ``log_likelihood`` (sum over rows of the log of the mixture density) and ``n``.
         Feed it to :func:`pipeline.kernels.covariances.params_from_stats` for the M-step.
+        When sharded, ``S2`` is a :class:`pipeline.shards.StoredArray` in the group
+        ``store`` names (the dict's ``store``), written component group by group.
 
     Examples
     --------
@@ -236,6 +186,12 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covar
     except ValueError as e:
         raise InputError(str(e)) from None
     source = as_rows(X, "X")
+    if params is not None:
+        if covariance_type != "full":
+            raise InputError("params= (a model store) holds full covariances; pass covariance_type='full'")
+        return _em_step_stored(source, _open_parameters(params, source), memory_budget, shift, plan, out)
+    if weights is None or means is None or precisions_cholesky is None:
+        raise InputError("em_step needs weights, means and precisions_cholesky, or params= (a model store)")
     K, d = len(weights), source.shape[1]
     for name, value, shape in (("means", means, (K, d)),
                                ("precisions_cholesky", precisions_cholesky,
@@ -247,9 +203,88 @@ def em_step(X, weights, means, precisions_cholesky, memory_budget=None, *, covar
         plan = _plan(source, K, memory_budget, covariance_type)
     elif plan["component_groups"] > 1 and covariance_type != "full":
         raise InputError("plans with component groups are for covariance_type='full' only")
+    if plan["sharded"]:
+        # The factors the caller holds go to a scratch store, a component group at a
+        # time; the pass reads them from there as it reads a model store.
+        tmp = sh.TemporaryStore()
+        stored = sh.ShardedParameters.create(tmp.group("params"), K, d)
+        sh.write_parameters(stored, weights, means, precisions_cholesky=precisions_cholesky,
+                            group=plan["component_group"])
+        return _em_step_stored(source, stored, memory_budget, shift, plan, out, tmp)
     with thread_buffers():
         return _em_pass(source.dask(rows=plan["rows"]), source.zarr, weights, means, precisions_cholesky,
                         plan, shift=shift, split_every=split_every, covariance_type=covariance_type)
+
+
+def _open_parameters(params, source):
+    """A model store (or group) as :class:`~pipeline.shards.ShardedParameters`, checked against X."""
+    import zarr
+
+    if isinstance(params, sh.ShardedParameters):
+        stored = params
+    else:
+        group = params if isinstance(params, zarr.Group) else open_group(str(params), "model store")
+        if "_iter0" in group or "_iter1" in group or "precisions_cholesky" not in group:
+            meta = dict(group.attrs.get("pipeline", {}))
+            raise InputError(f"model store {params!r} is incomplete (its fit was interrupted"
+                             f"{' at iteration ' + str(meta['n_iter']) if meta.get('n_iter') is not None else ''}); "
+                             "finish it with the same `pipeline gmm fit` command (it resumes) or fit again")
+        if "log_det" not in group:
+            raise InputError(f"model store {params!r} holds no sharded parameters; fit it with this pipeline version")
+        stored = sh.ShardedParameters(group)
+    if not stored.complete:
+        raise InputError(f"model store {params!r} is incomplete (a half-written iteration); resume its fit or "
+                         "fit again")
+    if stored.n_features != source.shape[1]:
+        raise InputError(f"model store {params!r} has {stored.n_components} components of {stored.n_features} "
+                         f"features, but X has {source.shape[1]} features; use the model fitted on this data")
+    if stored.n_components > source.shape[0]:
+        raise InputError(f"model store {params!r} has {stored.n_components} components, more than X's "
+                         f"{source.shape[0]} rows")
+    return stored
+
+
+def _em_step_stored(source, stored, memory_budget, shift, plan, out, tmp=None):
+    """:func:`em_step` over parameters in a store: its statistics, S2 written to ``out``."""
+    import uuid
+
+    K, d = stored.n_components, stored.n_features
+    if plan is None:
+        plan = _plan_sharded(source, K, memory_budget)
+    elif not plan["sharded"]:
+        plan = _plan_sharded(source, K, plan.budget)
+    tmp = tmp or sh.TemporaryStore()
+    out_group = tmp.group("stats") if out is None else _new_group(out)
+    token = uuid.uuid4().hex
+    with thread_buffers():
+        scratch_ = sh.Scratch(tmp.group("scratch"), source.shape[0], K, plan["rows"], plan["component_group"])
+        e = sh.e_step(source, stored, scratch_, plan, token)
+        res = sh.m_step(source, stored, out_group, scratch_, plan, 0.0, token, stats_only=True,
+                        shift=None if shift is None else np.asarray(shift, dtype=np.float64))
+        scratch_.clear()
+    res.update(log_likelihood=e["log_likelihood"], n=int(source.shape[0]), store=_url_of(out_group),
+               skipped=e["skipped"], pairs=e["pairs"])
+    res["_workspace"] = tmp  # the statistics' store lives as long as the result
+    return res
+
+
+def _plan_sharded(source, K, memory_budget):
+    """A sharded plan (parameters read from a store, whatever their size)."""
+    return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=K,
+                itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
+                x_compressed=source.compressed, sharded=True)
+
+
+def _new_group(url):
+    import zarr
+
+    return zarr.open_group(str(url), mode="w", zarr_format=3)
+
+
+def _url_of(group):
+    from .store.urls import group_url
+
+    return group_url(group) or f"{group.store}/{group.path}"
 
 
 def _em_pass(X, store, weights, means, precisions_cholesky, plan, *, shift=None, split_every=None,
@@ -262,9 +297,6 @@ def _em_pass(X, store, weights, means, precisions_cholesky, plan, *, shift=None,
     shift = (_cv.default_shift(covariance_type, weights, means) if shift is None
              else np.asarray(shift, dtype=np.float64))
     split_every = split_every or _SPLIT_EVERY
-    if plan["component_groups"] > 1:  # full only: the planner never splits the others
-        return _em_step_grouped(X, weights, means, precisions_cholesky, shift,
-                                plan["component_group"], split_every)
     graph = _em_stats_graph(X, weights, means, precisions_cholesky, shift, None, split_every, store=store,
                             covariance_type=covariance_type)
     (stats,) = compute(graph, label="EM iteration")
@@ -614,12 +646,17 @@ class GaussianMixture(BaseEstimator):
                 cov = None  # scikit-learn leaves covariances_ to the first M-step
         return {"weights": w, "means": m, "precisions_cholesky": pc, "covariances": cov}
 
-    def _fit(self, X, callback=None, state=None):
-        """Run EM; ``state`` resumes (params, n_iter, lower_bound, history)."""
-        with thread_buffers():  # the tasks' scratch buffers live as long as the fit
-            return self._fit_em(X, callback, state)
+    def _fit(self, X, callback=None, state=None, root=None):
+        """Run EM; ``state`` resumes (params, n_iter, lower_bound, history).
 
-    def _fit_em(self, X, callback, state):
+        ``root``: the Zarr group whose ``_iter0`` / ``_iter1`` receive the iterations
+        when the plan shards the parameters (default: a temporary store kept with
+        the fitted model).
+        """
+        with thread_buffers():  # the tasks' scratch buffers live as long as the fit
+            return self._fit_em(X, callback, state, root)
+
+    def _fit_em(self, X, callback, state, root=None):
         source = as_rows(X, "X")
         w, m, pc = self._validate(source)
         cov_type = self.covariance_type
@@ -640,6 +677,9 @@ class GaussianMixture(BaseEstimator):
         if state is None and not folded:
             _check_finite(X)
         rs = _check_random_state(self.random_state)
+        if plan["sharded"]:
+            return self._fit_sharded(source, X, plan, (w, m, pc), callback, state, do_init, rs, root)
+        self._forget_store()
         n_init = self.n_init if do_init else 1
         best = None
         for init in range(n_init):
@@ -708,6 +748,132 @@ class GaussianMixture(BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
+    def _forget_store(self):
+        for name in ("_sharded", "_store"):
+            self.__dict__.pop(name, None)
+
+    def _fit_sharded(self, source, X, plan, given, callback, state, do_init, rs, root):
+        """EM with the parameters sharded by component in a store (:mod:`pipeline.shards`).
+
+        The same iteration as the fused pass, from the same start; the driver holds
+        O(K d) numbers.  Iteration t is written to ``root/_iter<t % 2>`` while
+        ``_iter<(t - 1) % 2>`` (the one it reads) stays whole.
+        """
+        n, d = source.shape
+        K = self.n_components
+        keep = None
+        if root is None:
+            keep = sh.TemporaryStore()
+            root = keep.root
+        n_init = self.n_init if do_init else 1
+        best = None
+        for init in range(n_init):
+            base = root if n_init == 1 else root.require_group(f"_init{init}")
+            if state is not None:
+                params = state["params"]
+                start, lower_bound, history = state["n_iter"], state["lower_bound"], list(state["history"])
+            elif do_init:
+                params = self._initialize_sharded(source, X, rs, given, plan, base.require_group("_iter0"))
+                start, lower_bound, history = 0, -np.inf, []
+                if callback is not None:
+                    callback(params, 0, lower_bound, history, False)
+            else:  # warm start from the fitted model (its factors read a group at a time)
+                params = sh.ShardedParameters.create(base.require_group("_iter0"), K, d)
+                sh.write_parameters(params, self.weights_, self.means_, covariances=self.covariances_,
+                                    precisions_cholesky=self.precisions_cholesky_, group=plan["component_group"])
+                start, lower_bound, history = 0, self.lower_bound_, []
+            converged = False
+            n_iter = 0 if self.max_iter == 0 else start
+            for n_iter in range(start + 1, self.max_iter + 1):
+                prev = lower_bound
+                t0 = time.perf_counter()
+                res = sh.em_iteration(source, params, base.require_group(f"_iter{n_iter % 2}"),
+                                      base.require_group("_scratch"), plan, self.reg_covar)
+                params = res["out"]
+                lower_bound = res["log_likelihood"] / n
+                history.append(lower_bound)
+                change = lower_bound - prev
+                if self.verbose:
+                    print(f"  iteration {n_iter}: lower bound {lower_bound:.10g}, change {change:.3g} "
+                          f"({time.perf_counter() - t0:.2f} s, {100 * res['skipped'] / max(res['pairs'], 1):.1f}% "
+                          "of (row, component) pairs pruned)", flush=True)
+                converged = abs(change) < self.tol
+                if callback is not None:
+                    callback(params, n_iter, lower_bound, history, converged)
+                if converged:
+                    break
+            if "_scratch" in base:
+                del base["_scratch"]
+            if start >= self.max_iter and state is not None:
+                converged = bool(state.get("converged", False))
+            if best is None or lower_bound > best[0] or best[0] == -np.inf:
+                if best is not None and n_init > 1:
+                    del root[best[5]]
+                best = (lower_bound, params, n_iter, converged, history, f"_init{init}")
+            elif n_init > 1:
+                del root[f"_init{init}"]
+        lower_bound, params, n_iter, converged, history, _ = best
+        self.converged_ = converged
+        if not converged and self.max_iter > 0:
+            warnings.warn("Best performing initialization did not converge. Try different init "
+                          "parameters, or increase max_iter, tol, or check for degenerate data.",
+                          sklearn_flavoured(ConvergenceWarning, "ConvergenceWarning"), stacklevel=4)
+        self._set_sharded(params, plan["component_group"], keep)
+        self.n_iter_ = n_iter
+        self.lower_bound_ = lower_bound
+        self.lower_bounds_ = history
+        self.n_features_in_ = d
+        return self
+
+    def _set_sharded(self, params, group, keep=None):
+        """Fitted attributes from stored parameters: O(K d) ones loaded, K d^2 ones as StoredArray."""
+        small = params.small()
+        self.weights_, self.means_ = small["weights"], small["means"]
+        self.covariances_ = params.attribute("covariances")
+        self.precisions_cholesky_ = params.attribute("precisions_cholesky")
+        self.precisions_ = (params.attribute("precisions") if "precisions" in params.group
+                            else params.write_precisions(group))
+        self._fitted_covariance_type = "full"
+        self._sharded = params
+        if keep is not None:
+            self._store = keep  # the temporary store lives as long as the fitted model
+
+    def _initialize_sharded(self, source, X, rs, given, plan, group):
+        """The start, written group by group: scikit-learn's strategies, or the given arrays."""
+        import uuid
+
+        w, m, pc = given
+        K, (n, d) = self.n_components, source.shape
+        params = sh.ShardedParameters.create(group, K, d)
+        if w is not None and m is not None and pc is not None:
+            return sh.write_parameters(params, w, m, precisions_cholesky=pc, group=plan["component_group"])
+        token = uuid.uuid4().hex
+        if self.init_params == "kmeans":
+            centers = _kmeans(X, K, rs)
+            sh.m_step(source, None, params, None, plan, self.reg_covar, token, resp=("labels", centers, centers),
+                      n_samples=n)
+        elif self.init_params in ("k-means++", "random_from_data"):
+            idx = _kmeans_plusplus(X, K, rs)[1] if self.init_params == "k-means++" else rs.choice(n, size=K,
+                                                                                                 replace=False)
+            sh.init_from_rows(params, _rows_at(X, idx), self.reg_covar, n, plan["component_group"])
+        else:  # random
+            mom = _checked_moments(X)
+            shift = np.repeat(mom[1][None, :], K, axis=0)
+            key = int(rs.randint(np.iinfo(np.int32).max))
+            sh.m_step(source, None, params, None, plan, self.reg_covar, token, resp=("random", key, K, shift),
+                      n_samples=n)
+        if w is None and m is None and pc is None:
+            return params
+        # Some given, some drawn: the given ones replace theirs (scikit-learn's rule).
+        small = params.small()
+        w = small["weights"] if w is None else w
+        m = small["means"] if m is None else m
+        if pc is None:  # the drawn factors stay (each group read, then written back as it was)
+            return sh.write_parameters(params, w, m, covariances=params.attribute("covariances"),
+                                       precisions_cholesky=params.attribute("precisions_cholesky"),
+                                       group=plan["component_group"])
+        return sh.write_parameters(params, w, m, precisions_cholesky=pc, group=plan["component_group"])
+
     def fit(self, X, y=None):
         """Estimate the parameters with EM (``n_init`` starts, the best kept).
 
@@ -738,6 +904,15 @@ class GaussianMixture(BaseEstimator):
             raise InputError(f"X has {source.shape[1]} features, but GaussianMixture is expecting "
                              f"{self.means_.shape[1]} features as input (the model was fitted with "
                              f"{self.means_.shape[1]})")
+        K = self.n_components
+        stored = getattr(self, "_sharded", None)
+        if stored is not None:
+            # Sharded parameters: each block task reads the component groups one at a time.
+            plan = _plan_sharded(source, K, self.memory_budget)
+            Xd = source.dask(rows=plan["rows"])
+            shared = dask.delayed(stored.shared(plan["component_group"]), traverse=False)
+            return Xd.map_blocks(sh.predict_block, shared, dtype=np.float64, chunks=(Xd.chunks[0], (K,)),
+                                 token="pipeline-gmm-logprob")
         plan = _plan(source, self.n_components, self.memory_budget, self.covariance_type)
         Xd = source.dask(rows=plan["rows"])
         prepared = _cv.prepare_parameters(self.covariance_type, self.weights_, self.means_,

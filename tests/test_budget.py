@@ -76,27 +76,39 @@ def test_too_small_budget_names_a_minimum_that_works(op):
     assert plan(op, memory_budget=f"{minimum}MiB", threads=2, **SHAPES[op]).peak <= minimum * 2**20
 
 
-def test_gmm_groups_components_when_parameters_do_not_fit():
+def test_gmm_shards_components_when_parameters_do_not_fit():
     shape = dict(n_samples=1_000_000, n_features=900, n_components=200, itemsize=8)
-    with pytest.raises(BudgetError) as e:
+    with pytest.raises(BudgetError, match=r"even one component at a time \(sharded parameters") as e:
         plan("gmm", memory_budget="1MiB", threads=2, **shape)
     minimum = int(str(e.value).split("--memory-budget ")[1].split("MiB")[0])
     p = plan("gmm", memory_budget=f"{minimum}MiB", threads=2, **shape)
-    assert 1 <= p["component_group"] < 200
-    assert p["component_groups"] * p["component_group"] >= 200
-    assert p["passes"] == 2 * p["component_groups"]
+    assert p["sharded"] and p.peak <= minimum * 2**20
+    assert p["component_groups"] == -(-200 // p["component_group"])
+    # The users' job: refused before (3.632 GiB of parameters in the driver), now planned
+    # inside 2 GiB with the driver holding O(K d).
+    users = plan("gmm", memory_budget="2GiB", threads=2, **shape)
+    assert users["sharded"] and users.peak <= 2 * 2**30
+    assert users.items[0].name == "parameters (driver)" and users.items[0].total < 16 * 2**20
     one = plan("gmm", memory_budget="2GiB", threads=2, **SHAPES["gmm"])
-    assert one["component_group"] == 2 and one["passes"] == 1
+    assert not one["sharded"] and one["component_group"] == 2 and one["passes"] == 1
 
 
-def test_gmm_minimum_says_the_driver_parameters_dominate():
-    # [2M x 10000] x 200: the three K d^2 arrays the driver holds are most of the
-    # minimum, and the message says so instead of blaming one row.
-    with pytest.raises(BudgetError, match=r"parameters of all 200 components, three 200 x 10000 x 10000 "
-                                          r"float64 arrays held in the driver, are 447.\d GiB") as e:
-        plan("gmm", memory_budget="20GiB", threads=2, n_samples=2_000_000, n_features=10_000,
+@pytest.mark.parametrize("n,d,budget,workers", [(2_000_000, 2500, "16GiB", 1), (2_000_000, 10_000, "64GiB", 16)])
+def test_gmm_plans_the_next_scales(n, d, budget, workers):
+    p = plan("gmm", memory_budget=budget, threads=2, workers=workers, n_samples=n, n_features=d,
              n_components=200, itemsize=8)
-    assert "give --memory-budget" in str(e.value)
+    assert p["sharded"] and p.peak <= p.budget
+    # The reads it states are those of its blocks and groups.
+    groups, blocks = p["component_groups"], -(-n // p["rows"])
+    assert p["x_reads"] == (1 if p["order"] == "rows" else groups) + groups
+    assert p["param_reads"] == (blocks if p["order"] == "rows" else min(blocks, p["m_runs"]))
+    assert p["x_bytes"] == p["x_reads"] * n * d * 8
+    # The other order would move at least as many bytes.
+    other = "groups" if p["order"] == "rows" else "rows"
+    from pipeline.budget import sharded_traffic
+    alt = sharded_traffic(p["rows"], p["component_group"], other, n_samples=n, n_features=d, n_components=200,
+                          itemsize=8, m_runs=p["m_runs"])
+    assert alt["bytes"] >= p["bytes"]
 
 
 def test_plan_rejects_unknown_op_and_bad_shapes():

@@ -61,9 +61,12 @@ def fixed_plan(monkeypatch):
 
     def use(rows, group=None):
         def fake(X, K, memory_budget, covariance_type="full"):
-            grp = group or K
-            return Plan("gmm", 2**30, 2, {"rows": rows, "component_group": grp,
-                                           "component_groups": -(-K // grp)})
+            # A real plan (sharded when a group is asked for) with the rows forced.
+            p = pl.plan("gmm", n_samples=X.shape[0], n_features=X.shape[1], n_components=K,
+                        memory_budget="1GiB", covariance_type=covariance_type, threads=2,
+                        **({"sharded": False} if group is None else {"component_group": group}))
+            p.params["rows"] = rows
+            return p
 
         monkeypatch.setattr(mixture, "_plan", fake)
 

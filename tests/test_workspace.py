@@ -19,9 +19,7 @@ traced peak is compared with the formula's total:
 * EM block: ``em_block_stats`` on 4096 rows, d=64, K=16 (pruned E-step: K >= 3 and
   d <= 1024, on separated clusters so the pruned path is really taken) and K=2
   (dense), float64 and float32 input, against ``em_workspace`` + one set of
-  statistics (``stats_bytes``); and the two tasks of the grouped pass
-  (``pipeline.mixture._lse_chunk`` / ``_group_stats_chunk``) against
-  ``em_workspace(grouped=True)``.
+  statistics (``stats_bytes``).
 
 How it is measured: NumPy reports its data buffers to :mod:`tracemalloc`, so the
 traced peak is the most NumPy (and Python) memory alive at once.  Inputs (blocks as
@@ -265,38 +263,6 @@ def test_em_block(K, dtype):
     table = workspace_rows(_g.em_workspace(rows, K, n_features=d, n_components=K, itemsize=itemsize))
     table.append(("sufficient statistics (stats_bytes)", _g.stats_bytes(K, d)))
     check(measured, table, what=f"em_block_stats {rows} x {d}, K={K}, {np.dtype(dtype)}")
-
-
-@pytest.mark.parametrize("task", ["lse", "stats"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_em_grouped_task(task, dtype):
-    """The grouped pass (a group of 4 of K=16 components): its two tasks on one block.
-
-    Pass A (``_lse_chunk``): the group's log-sum-exp per row; pass B
-    (``_group_stats_chunk``): responsibilities of the group for the whole block and
-    its statistics.  Both are charged em_workspace(grouped=True) + the group's
-    statistics (budget.cost_gmm charges every task the same).
-    """
-    rows, d, K, group = 4096, 64, 16, 4
-    X, weights, means, P = mixture_problem(rows, d, K, dtype)
-    a, b = 0, group
-    # As _em_step_grouped's prep(): one group's parameters, global weights, no pruning.
-    prepared = _g.prepare_parameters(weights[a:b], means[a:b], P[a:b], shift=means[a:b], prune=False)
-    if task == "lse":
-        run = lambda: _mix._lse_chunk(X, prepared)
-    else:
-        full = _g.prepare_parameters(weights, means, P, prune=False)
-        lse = _g.logsumexp_rows(_g.weighted_log_prob(X, full))  # pass A's result: an input of pass B
-        run = lambda: _mix._group_stats_chunk(X, prepared, lse)
-
-    measured, out = traced_peak(run)
-    assert (out.shape == (rows,)) if task == "lse" else (out["S2"].shape == (group, d, d))
-    itemsize = np.dtype(dtype).itemsize
-    table = workspace_rows(_g.em_workspace(rows, group, n_features=d, n_components=K, itemsize=itemsize,
-                                           grouped=True))
-    table.append(("sufficient statistics (stats_bytes)", _g.stats_bytes(group, d)))
-    check(measured, table, what=f"grouped EM task {task}, {rows} x {d}, group {group} of K={K}, "
-                                f"{np.dtype(dtype)}")
 
 
 @pytest.mark.parametrize("cov_type", ["tied", "diag", "spherical"])

@@ -46,6 +46,12 @@ __all__ = [
     "em_block_stats",
     "resp_block_stats",
     "weighted_log_prob_sparse",
+    "group_log_prob",
+    "as_float64",
+    "best_lower_bound",
+    "mixture_summary",
+    "bounds_table",
+    "bounds_from_table",
     "combine_stats",
     "params_from_stats",
     "mean_log_likelihood",
@@ -171,7 +177,7 @@ def stats_bytes(n_components, n_features):
     return n_components * (d * d + d + 1) * 8
 
 
-def _as_float64(X):
+def as_float64(X):
     """A C-contiguous float64 view or copy of a block (ints and float32 convert)."""
     return np.ascontiguousarray(X, dtype=np.float64)
 
@@ -284,7 +290,7 @@ def _group_bounds(n_components, component_group, n_features):
 
 
 def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, component_group=None,
-                       prune=True):
+                       prune=True, log_weights=None, log_det=None, bounds=None):
     """Everything a block needs from one iteration's parameters, computed once.
 
     The result is what the graph shares as one key: per component group the
@@ -305,6 +311,11 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
     prune : bool, default True
         Also compute the bounds the fused pass uses to skip negligible components
         (:func:`em_block_stats`); callers that need every log-density pass False.
+    log_weights, log_det : ndarray of shape (n_components,), optional
+        Given instead of computed: one component group of a larger mixture passes the
+        mixture's log-weights (``weights`` is then ignored) and stored log-determinants.
+    bounds : dict, optional
+        The pruning bounds, from :func:`bounds_from_table` (instead of an SVD per component).
 
     Returns
     -------
@@ -330,23 +341,34 @@ def prepare_parameters(weights, means, precisions_cholesky, *, shift=None, compo
         pcat[:d] = P[a:b].transpose(1, 0, 2).reshape(d, (b - a) * d)
         pcat[d] = -np.einsum("kd,kde->ke", means[a:b], P[a:b]).reshape(-1)
         groups.append({"start": a, "stop": b, "pcat": pcat})
-    with np.errstate(divide="ignore"):
-        log_weights = np.log(weights)
+    if log_weights is None:
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(weights)
     prepared = {
         "n_components": K,
         "n_features": d,
         "groups": groups,
-        "log_det": log_det_cholesky(P),
-        "log_weights": log_weights,
+        "log_det": log_det_cholesky(P) if log_det is None else np.asarray(log_det, dtype=np.float64),
+        "log_weights": np.asarray(log_weights, dtype=np.float64),
         "shift": means.copy() if shift is None else np.ascontiguousarray(shift, dtype=np.float64),
     }
-    if prune and K >= PRUNE_MIN_COMPONENTS and d <= PRUNE_MAX_FEATURES:
+    if bounds is not None:
+        prepared["bounds"] = bounds
+    elif prune and K >= PRUNE_MIN_COMPONENTS and d <= PRUNE_MAX_FEATURES:
         prepared["bounds"] = _component_bounds(means, P)
     return prepared
 
 
 def _component_bounds(means, P):
-    """What :func:`_pruned_log_prob` needs to bound ``||(x - mu_k) P_k||^2`` cheaply.
+    """What :func:`_pruned_log_prob` needs to bound ``||(x - mu_k) P_k||^2`` cheaply."""
+    return bounds_from_table(means, bounds_table(P))
+
+
+def bounds_table(P):
+    """Per component, the pruning bounds' terms of the factors ``P`` (one SVD each).
+
+    The terms of :func:`bounds_from_table`, indexed by component so that a component
+    group's rows can be stored (and read back) by component.
 
     With ``P_k = U S V^T`` and ``v = x - mu_k``, ``||v P_k||^2 = sum_i s_i^2 (v . u_i)^2``.
     Keeping the ``PRUNE_DIRECTIONS`` smallest singular directions apart,
@@ -357,7 +379,8 @@ def _component_bounds(means, P):
     lower bound (which holds for any s_r, s_i at or below the true ones), up in the
     upper one.
     """
-    K, d = means.shape
+    P = np.asarray(P, dtype=np.float64)
+    K, d = P.shape[:2]
     sv = np.linalg.svd(P, compute_uv=False)  # (K, d), descending
     r = min(PRUNE_DIRECTIONS, d - 1)
     slack = 4 * (d + 1) * np.finfo(np.float64).eps * sv[:, 0]
@@ -371,19 +394,41 @@ def _component_bounds(means, P):
     small = np.minimum(np.maximum(sv[sel, d - r:] - slack[sel, None], 0.0), np.sqrt(rest[sel])[:, None]) ** 2
     # Singular vectors only for the selected components, one at a time (a batched
     # SVD with vectors would hold two (K, d, d) arrays: more than the parameters).
-    W = np.empty((sel.size, d, r))
-    for i, k in enumerate(sel):
-        W[i] = np.linalg.svd(P[k])[0][:, d - r:]  # left vectors of the r smallest
+    W = np.zeros((K, d, r))
+    for k in sel:
+        W[k] = np.linalg.svd(P[k])[0][:, d - r:]  # left vectors of the r smallest
+    stretched = np.zeros(K, bool)
+    stretched[sel] = True
+    gap = np.zeros((K, r))
+    gap[sel] = rest[sel, None] - small  # s_r^2 - s_i^2 >= 0
+    return {"base2": base, "smax2": (sv[:, 0] + slack) ** 2, "stretched": stretched, "dirs": W, "dirs_gap": gap}
+
+
+def bounds_from_table(means, table):
+    """The pruning bounds of :func:`_pruned_log_prob` from :func:`bounds_table`'s terms.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> P, m = np.array([np.eye(2)] * 3), np.zeros((3, 2))
+    >>> bounds_from_table(m, bounds_table(P))["sel"]
+    array([], dtype=int64)
+    """
+    means = np.ascontiguousarray(means, dtype=np.float64)
+    d = means.shape[1]
+    sel = np.flatnonzero(table["stretched"])
+    W = np.asarray(table["dirs"], dtype=np.float64)[sel]
+    r = W.shape[2]
     return {
         "means_t": np.ascontiguousarray(means.T),
         "means_sq": np.einsum("kd,kd->k", means, means),
-        "base2": base,
-        "smax2": (sv[:, 0] + slack) ** 2,
+        "base2": np.asarray(table["base2"], dtype=np.float64),
+        "smax2": np.asarray(table["smax2"], dtype=np.float64),
         "sel": sel,
         "n_dirs": r,
         "dirs": np.ascontiguousarray(W.transpose(1, 0, 2).reshape(d, sel.size * r)),  # (d, n_sel r)
         "dirs_mu": np.einsum("kd,kdr->kr", means[sel], W).reshape(-1),  # mu_k . u_i
-        "dirs_gap": (rest[sel, None] - small).reshape(-1),  # s_r^2 - s_i^2 >= 0
+        "dirs_gap": np.asarray(table["dirs_gap"], dtype=np.float64)[sel].reshape(-1),
     }
 
 
@@ -456,10 +501,10 @@ def estimate_log_gaussian_prob(X, means, precisions_cholesky, *, component_group
     K = np.shape(means)[0]
     prepared = prepare_parameters(np.ones(K) / K, means, precisions_cholesky, prune=False,
                                   component_group=component_group)
-    return _log_gaussian_prob_prepared(_as_float64(X), prepared)
+    return _log_gaussian_prob_prepared(as_float64(X), prepared)
 
 
-def _pruned_log_prob(X, prepared, work):
+def _pruned_log_prob(X, prepared, work, best=None):
     """Weighted log-densities of a slice, with provably negligible entries set to -inf.
 
     Exact for the fused EM pass, which only uses ``exp(a - max_k a)`` of these
@@ -470,12 +515,14 @@ def _pruned_log_prob(X, prepared, work):
     exactly what the dense computation gives, so it is left out of the GEMMs.  On
     separated clusters this leaves about one component per row: the E-step costs
     up to K times less.  Returns None when too few pairs can be skipped (the
-    caller computes the slice densely).
+    caller computes the slice densely).  ``best``: the rows' lower bounds on their
+    largest weighted log-density over a whole mixture of which ``prepared`` is one
+    component group (:func:`best_lower_bound`); default over ``prepared``'s own.
     """
     m, d = X.shape
     K = prepared["n_components"]
     lower, upper = _log_prob_bounds(X, prepared, work)
-    best = lower.max(axis=1)
+    best = lower.max(axis=1) if best is None else np.maximum(best, lower.max(axis=1))
     # NaN rows (never skipped: comparisons with NaN are False) keep the dense NaNs.
     thr = best - PRUNE_GAP - 1e-9 * np.abs(best)
     need = ~(upper < thr[:, None])
@@ -502,23 +549,70 @@ def _pruned_log_prob(X, prepared, work):
     return q
 
 
+def _mean_distances(X, means_t, means_sq, work):
+    """|x - mu_k|^2 of a slice by the expansion, its rounding error bound, and |x|^2."""
+    m, d = X.shape
+    K = means_t.shape[1]
+    xn = np.einsum("ij,ij->i", X, X)
+    D2 = np.matmul(X, means_t, out=scratch(work, "D2", (m, K)))
+    D2 *= -2.0
+    D2 += xn[:, None]
+    D2 += means_sq
+    err = np.add(xn[:, None], means_sq, out=scratch(work, "err", (m, K)))
+    err *= 4 * (d + 2) * np.finfo(np.float64).eps
+    return D2, err, xn
+
+
+def _lower_log_prob(D2, err, smax2, const, out):
+    """Lower bounds of the weighted log-densities: ``||v P_k||^2 <= s_max^2 |v|^2``."""
+    lower = np.add(D2, err, out=out)
+    lower *= -0.5 * smax2
+    lower += const
+    return lower
+
+
+def mixture_summary(log_weights, log_det, means, smax2):
+    """What :func:`best_lower_bound` needs of a whole mixture: O(K d), never K d^2.
+
+    Parameters
+    ----------
+    log_weights, log_det, smax2 : ndarray of shape (n_components,)
+        ``smax2`` from :func:`bounds_table` (the largest squared singular value of each
+        factor, widened by its rounding error).
+    means : ndarray of shape (n_components, n_features)
+
+    Returns
+    -------
+    dict
+    """
+    means = np.ascontiguousarray(means, dtype=np.float64)
+    d = means.shape[1]
+    return {"means_t": np.ascontiguousarray(means.T), "means_sq": np.einsum("kd,kd->k", means, means),
+            "smax2": np.asarray(smax2, dtype=np.float64),
+            "const": np.asarray(log_weights, dtype=np.float64) + log_det - 0.5 * d * _LOG_2PI}
+
+
+def best_lower_bound(X, summary, work=None):
+    """Per row, a lower bound on its largest weighted log-density over the whole mixture.
+
+    Lets each component group of a sharded E-step (:func:`group_log_prob`) skip the
+    components that no other group can make count, from the means alone.
+    """
+    X = as_float64(X)
+    work = {} if work is None else work
+    D2, err, _ = _mean_distances(X, summary["means_t"], summary["means_sq"], work)
+    lower = _lower_log_prob(D2, err, summary["smax2"], summary["const"], D2)
+    return lower.max(axis=1)
+
+
 def _log_prob_bounds(X, prepared, work):
     """(rows, K) lower and upper bounds on the weighted log-densities of a slice."""
     b = prepared["bounds"]
     m, d = X.shape
     K = prepared["n_components"]
-    xn = np.einsum("ij,ij->i", X, X)
-    # |x - mu|^2 by the expansion, widened by its rounding error bound.
-    D2 = np.matmul(X, b["means_t"], out=scratch(work, "D2", (m, K)))
-    D2 *= -2.0
-    D2 += xn[:, None]
-    D2 += b["means_sq"]
-    err = np.add(xn[:, None], b["means_sq"], out=scratch(work, "err", (m, K)))
-    err *= 4 * (d + 2) * np.finfo(np.float64).eps
+    D2, err, xn = _mean_distances(X, b["means_t"], b["means_sq"], work)
     const = prepared["log_weights"] + prepared["log_det"] - 0.5 * d * _LOG_2PI
-    lower = np.add(D2, err, out=scratch(work, "lower", (m, K)))
-    lower *= -0.5 * b["smax2"]
-    lower += const
+    lower = _lower_log_prob(D2, err, b["smax2"], const, scratch(work, "lower", (m, K)))
     # Lower bound of ||v P_k||^2 (see _component_bounds), then the upper bound of
     # the log-density.
     quad = np.subtract(D2, err, out=D2)
@@ -562,7 +656,7 @@ def weighted_log_prob(X, prepared, *, buf=None):
     >>> weighted_log_prob(np.zeros((1, 1)), p).round(6)
     array([[-0.918939]])
     """
-    out = _log_gaussian_prob_prepared(_as_float64(X), prepared, buf=buf)
+    out = _log_gaussian_prob_prepared(as_float64(X), prepared, buf=buf)
     out += prepared["log_weights"]
     return out
 
@@ -583,7 +677,7 @@ def weighted_log_prob_sparse(X, prepared):
     >>> weighted_log_prob_sparse(np.array([[0.5]]), p)
     array([[-2.14255082,        -inf,        -inf]])
     """
-    X = _as_float64(X)
+    X = as_float64(X)
     n, d = X.shape
     if "bounds" not in prepared:
         return weighted_log_prob(X, prepared)
@@ -597,6 +691,50 @@ def weighted_log_prob_sparse(X, prepared):
             lp = weighted_log_prob(Xs, prepared, buf=buf)
         out[r0:r0 + Xs.shape[0]] = lp
     return out
+
+
+def group_log_prob(X, prepared, best=None, *, work=None, out=None):
+    """Weighted log-densities of one component group for a block, and the pairs skipped.
+
+    The sharded E-step: ``prepared`` holds one group's factors
+    (:func:`prepare_parameters` with the mixture's ``log_weights``).  With ``best``
+    (:func:`best_lower_bound` over the whole mixture) and bounds in ``prepared``, pairs
+    provably ``PRUNE_GAP`` below the row's largest are ``-inf`` and never computed,
+    as in the fused pass; slices where that does not pay are computed densely.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    prepared : dict
+    best : ndarray of shape (n_rows,), optional
+    work : dict, optional
+        Scratch buffers kept between calls.
+    out : ndarray of shape (n_rows, group), optional
+
+    Returns
+    -------
+    logp : ndarray of shape (n_rows, group)
+    skipped : int
+        (row, component) pairs left out.
+    """
+    X = as_float64(X)
+    n, d = X.shape
+    work = {} if work is None else work
+    out = np.empty((n, prepared["n_components"])) if out is None else out
+    prune = best is not None and "bounds" in prepared
+    step = prune_rows(d) if prune else n
+    skipped = 0
+    buf = None
+    for r0 in range(0, n, step):
+        Xs = X[r0:r0 + step]
+        lp = _pruned_log_prob(Xs, prepared, work, best=best[r0:r0 + step]) if prune else None
+        if lp is None:
+            buf = scratch(work, "em-gemm", (min(n, inner_rows(d)), max(g["pcat"].shape[1] for g in prepared["groups"]))) if buf is None else buf
+            lp = weighted_log_prob(Xs, prepared, buf=buf)
+        else:
+            skipped += int(np.count_nonzero(lp == -np.inf))
+        out[r0:r0 + Xs.shape[0]] = lp
+    return out, skipped
 
 
 def logsumexp_rows(a):
@@ -668,7 +806,7 @@ def resp_block_stats(X, resp, shift, out=None, *, buf=None):
     >>> s["N"], s["S1"], s["S2"]
     (array([2.]), array([[4.]]), array([[[10.]]]))
     """
-    X = _as_float64(X)
+    X = as_float64(X)
     resp = np.asarray(resp, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
     n, d = X.shape
@@ -767,7 +905,7 @@ def em_block_stats(X, log_weights=None, means=None, precisions_cholesky=None, sh
     if n == 0:  # an empty block adds nothing (zeros, so combine_stats takes it)
         return resp_block_stats(np.empty((0, d)), np.empty((0, prepared["n_components"])), prepared["shift"])
     for r0 in range(0, n, big):
-        Xb = _as_float64(X[r0:r0 + big])
+        Xb = as_float64(X[r0:r0 + big])
         logp = _pruned_log_prob(Xb, prepared, work) if prune else None
         if logp is not None:
             parts = [(Xb, logp)]

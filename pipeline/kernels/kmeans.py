@@ -231,7 +231,7 @@ def lloyd_update(stats, centers):
     return new, float(((new - centers) ** 2).sum())
 
 
-def labels_block_stats(X, centers, shift=None):
+def labels_block_stats(X, centers, shift=None, components=None):
     """Gaussian sufficient statistics for hard (nearest-centre) assignments.
 
     The one-hot responsibilities of ``KMeans.labels_`` that scikit-learn's
@@ -244,6 +244,9 @@ def labels_block_stats(X, centers, shift=None):
     centers : ndarray of shape (n_clusters, n_features)
     shift : ndarray of shape (n_clusters, n_features), optional
         Default ``centers`` (the cluster means, so nothing cancels).
+    components : (int, int), optional
+        Only the statistics of clusters ``c0 .. c1 - 1`` (rows still go to their nearest
+        centre of all); ``shift`` is then theirs.
 
     Returns
     -------
@@ -257,14 +260,15 @@ def labels_block_stats(X, centers, shift=None):
     array([2., 1.])
     """
     X = _f64(X)
-    shift = centers if shift is None else shift
+    c0, c1 = (0, len(centers)) if components is None else components
+    shift = centers[c0:c1] if shift is None else shift
     labels = sq_distances(X, centers).argmin(axis=1)
-    K, d = centers.shape
+    K, d = c1 - c0, centers.shape[1]
     N = np.zeros(K)
     S1 = np.zeros((K, d))
     S2 = np.zeros((K, d, d))
     order = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[order], np.arange(K + 1))
+    bounds = np.searchsorted(labels[order], np.arange(c0, c1 + 1))
     for k in range(K):
         rows = order[bounds[k]:bounds[k + 1]]
         if rows.size == 0:
