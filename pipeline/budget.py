@@ -487,11 +487,11 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
                    f"({covariance_type})")
     if covariance_type == "full":
         # All parameters in one process while they fit beside blocks of `target` rows
-        # (or of 64 at least); else (or when the caller asks for groups, or plans for a
-        # cluster) sharded by component, never whole in one process.
+        # (or of 64 at least); else (or when the caller asks for groups or for
+        # sharding) sharded by component, never whole in one process.
         whole = peak(target, K) <= budget or (peak(best(K), K) <= budget
                                               and peak(max(best(K), min(n, 64)), K) <= budget)
-        if sharded is not False and (sharded or component_group is not None or workers > 1 or not whole):
+        if sharded is not False and (sharded or component_group is not None or not whole):
             return _plan_gmm_sharded(budget, threads, n=n, d=d, K=K, itemsize=itemsize, chunk_rows=chunk_rows,
                                      x_compressed=x_compressed, component_group=component_group, workers=workers)
     fits = lambda r: peak(r, group) <= budget
@@ -625,6 +625,38 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
     return Plan("gmm", budget, threads, params, cost(rows, g, order),
                 {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize,
                  "covariance_type": "full"})
+
+
+def sharded_report(p, gemm_rate=None):
+    """What a sharded EM plan does per iteration, in lines: memory per worker, reads, store, flops, time.
+
+    ``gemm_rate``: float64 GEMM FLOP/s of one thread (measured at the E-step's shape,
+    :func:`pipeline.runtime.rates.gemm_rate`); the projection counts scikit-learn's
+    4 n K d^2 dense-equivalent flops over every thread of every worker, without pruning.
+    """
+    n, d, K = p.shape["n_samples"], p.shape["n_features"], p.shape["n_components"]
+    workers, threads = p["workers"], p.threads
+    flops = 4 * n * K * d * d
+    store = 3 * K * d * d * 8 + 2 * (2 * K * d * d * 8) + n * K * 8 + n * 8
+    lines = [
+        f"  sharded parameters: {K} components in {p['component_groups']} groups of {p['component_group']}; "
+        f"{p['rows']}-row blocks; order {p['order']} "
+        f"({'row blocks resident, groups streamed' if p['order'] == 'rows' else 'groups resident, X streamed'})",
+        f"  per worker: peak {format_bytes(p.peak)} of {format_bytes(p.budget)} ({workers} worker(s) x {threads} "
+        f"thread(s)); the driver holds {format_bytes(p.items[0].total)}",
+        f"  per iteration: X read {p['x_reads']} times ({format_bytes(p['x_bytes'])}), factors read "
+        f"{p['param_reads']} times ({format_bytes(p['param_bytes'])}), scratch log-densities "
+        f"{format_bytes(n * K * 8)} written once and read {'twice' if p['order'] == 'groups' else 'once'}; "
+        f"{format_bytes(p['bytes'])} moved",
+        f"  model store on disk: {format_bytes(store)} (model, two iteration checkpoints, scratch)",
+        f"  flops per iteration: {flops:.3g} (4 n K d^2, scikit-learn's dense count)",
+    ]
+    if gemm_rate:
+        secs = flops / (gemm_rate * workers * threads)
+        lines.append(f"  projected: {secs:,.0f} s per iteration ({secs / 3600:.2f} h) at {gemm_rate / 1e9:.1f} GFLOP/s "
+                     f"per thread (float64 GEMM measured here) x {workers * threads} threads; pruning on "
+                     "separated clusters lowers it")
+    return "\n".join(lines)
 
 
 _PLANNERS = {"distances": _plan_distances, "knn": _plan_knn, "gmm": _plan_gmm}

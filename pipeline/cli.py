@@ -270,7 +270,16 @@ def _run_plan(a):
             raise InputError("plan gmm needs DATA or --n-samples and --n-features")
         p = plan("gmm", n_samples=n, n_features=a.n_features or d, n_components=a.n_components,
                  covariance_type=a.covariance_type, itemsize=itemsize or (dt.itemsize if dt is not None else 8),
-                 memory_budget=a.memory_budget, threads=_plan_threads(a))
+                 memory_budget=a.memory_budget, threads=_plan_threads(a), workers=a.workers or 1)
+        if p["sharded"]:
+            from .budget import sharded_report
+            from .runtime.rates import gemm_rate
+
+            d = p.shape["n_features"]
+            _say(p.explain())
+            # The E-step GEMM's shape, capped at 2048 (the rate is flat beyond: a quick measurement).
+            _say(sharded_report(p, gemm_rate(min(p["rows"], 2048), min(d + 1, 2048), min(d, 2048))))
+            return
     else:
         nq = nt = d = None
         dt = None

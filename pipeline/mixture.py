@@ -38,7 +38,7 @@ from .kernels import covariances as _cv
 from .kernels import gaussian as _g
 from .kernels import kmeans as _km
 from . import shards as sh
-from .runtime import (compute, delayed_of, persist, reduce_tree, shared_key, source_key, thread_buffers,
+from .runtime import (compute, dask_workers, delayed_of, persist, reduce_tree, shared_key, source_key, thread_buffers,
                       thread_work)
 from .store.reads import read_block
 from .store.urls import open_group
@@ -64,7 +64,13 @@ def _plan(source, n_components, memory_budget, covariance_type="full"):
     """The EM plan for a row source (its stored chunks align the blocks)."""
     return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=n_components,
                 itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
-                covariance_type=covariance_type, x_compressed=source.compressed)
+                covariance_type=covariance_type, x_compressed=source.compressed, **_cluster())
+
+
+def _cluster():
+    """The connected cluster's worker count, for a sharded plan's tasks (none on threads)."""
+    workers = dask_workers()
+    return {"workers": workers} if workers > 1 else {}
 
 
 def _block_offsets(X):
@@ -272,7 +278,7 @@ def _plan_sharded(source, K, memory_budget):
     """A sharded plan (parameters read from a store, whatever their size)."""
     return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=K,
                 itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
-                x_compressed=source.compressed, sharded=True)
+                x_compressed=source.compressed, sharded=True, **_cluster())
 
 
 def _new_group(url):
@@ -511,6 +517,15 @@ def _precision_cholesky(covariance_type, covariances):
         raise InputError(str(e)) from None
 
 
+def _loaded(params):
+    """Saved parameters in memory (a resumed unsharded fit)."""
+    if isinstance(params, sh.ShardedParameters):
+        return {"weights": params.group["weights"][...], "means": params.group["means"][...],
+                "covariances": params.group["covariances"][...],
+                "precisions_cholesky": params.group["precisions_cholesky"][...]}
+    return {name: value[...] for name, value in params.items()}
+
+
 def _check_random_state(seed):
     if seed is None or seed is np.random:
         return np.random.mtrand._rand
@@ -684,7 +699,7 @@ class GaussianMixture(BaseEstimator):
         best = None
         for init in range(n_init):
             if state is not None:
-                params = state["params"]
+                params = _loaded(state["params"])
                 start, lower_bound, history = state["n_iter"], state["lower_bound"], list(state["history"])
             elif do_init:
                 params = self._initialize(X, rs, w, m, pc)
@@ -771,6 +786,14 @@ class GaussianMixture(BaseEstimator):
             base = root if n_init == 1 else root.require_group(f"_init{init}")
             if state is not None:
                 params = state["params"]
+                if not isinstance(params, sh.ShardedParameters):
+                    # Saved by an unsharded run (another budget): its arrays gain the
+                    # sharded terms in place, a group at a time.
+                    params = sh.write_parameters(sh.ShardedParameters.create(state["group"], K, d),
+                                                 params["weights"][...], params["means"][...],
+                                                 covariances=params["covariances"],
+                                                 precisions_cholesky=params["precisions_cholesky"],
+                                                 group=plan["component_group"])
                 start, lower_bound, history = state["n_iter"], state["lower_bound"], list(state["history"])
             elif do_init:
                 params = self._initialize_sharded(source, X, rs, given, plan, base.require_group("_iter0"))
@@ -1088,11 +1111,16 @@ def _save_model(group, params, n_iter, lower_bound, history, converged, job, cov
             group.create_array(name, shape=value.shape, dtype=np.float64,
                                chunks=(1,) + value.shape[1:] if value.ndim == 3 else value.shape)
         group[name][...] = value
-    meta = dict(group.attrs["pipeline"])
+    _record_iteration(group.attrs, K, d, n_iter, lower_bound, history, converged, job, covariance_type)
+
+
+def _record_iteration(attrs, K, d, n_iter, lower_bound, history, converged, job, covariance_type):
+    """The one attributes write that records a saved iteration."""
+    meta = dict(attrs["pipeline"])
     meta.update(n_iter=int(n_iter), lower_bound=float(lower_bound) if np.isfinite(lower_bound) else None,
                 history=[float(h) for h in history], converged=bool(converged),
                 n_components=int(K), n_features=int(d), covariance_type=covariance_type, job=job)
-    group.attrs["pipeline"] = meta
+    attrs["pipeline"] = meta
 
 
 def fit_to_store(data, model_url, *, n_components=1, covariance_type="full", max_iter=100, tol=1e-3,
@@ -1162,23 +1190,36 @@ def fit_to_store(data, model_url, *, n_components=1, covariance_type="full", max
         def save(params, n_iter, lower_bound, history, converged):
             # Iteration t goes to checkpoint group _iter<t % 2>, and the one attributes write
             # that records n_iter also points at it: a crash mid-save leaves the previous
-            # iteration's checkpoint whole and named.
+            # iteration's checkpoint whole and named.  Sharded parameters are already
+            # there (the pass wrote them): only the attributes switch.
             name = f"_iter{n_iter % 2}"
-            if name not in group:
-                group.create_group(name)
-            _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job,
-                        covariance_type)
+            if isinstance(params, sh.ShardedParameters):
+                _record_iteration(_CheckpointAttrs(group.attrs, name), params.n_components, params.n_features,
+                                  n_iter, lower_bound, history, converged, job, covariance_type)
+            else:
+                if name not in group:
+                    group.create_group(name)
+                _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job,
+                            covariance_type)
             if on_iteration is not None:
                 on_iteration(n_iter)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the summary instead
-            gm._fit(source, callback=save, state=state)
-        final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
-                 "precisions_cholesky": gm.precisions_cholesky_}
-        _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job,
-                    covariance_type)
-        for name in ("_iter0", "_iter1"):
+            gm._fit(source, callback=save, state=state, root=group)
+        stored = getattr(gm, "_sharded", None)
+        if stored is not None:
+            # The last iteration's store becomes the model's own arrays, a component at a time.
+            top = sh.copy_parameters(stored, group)
+            top.write_precisions()
+            _record_iteration(group.attrs, top.n_components, top.n_features, gm.n_iter_, gm.lower_bound_,
+                              list(gm.lower_bounds_), gm.converged_, job, covariance_type)
+        else:
+            final = {"weights": gm.weights_, "means": gm.means_, "covariances": getattr(gm, "covariances_", None),
+                     "precisions_cholesky": gm.precisions_cholesky_}
+            _save_model(group, final, gm.n_iter_, gm.lower_bound_, list(gm.lower_bounds_), gm.converged_, job,
+                        covariance_type)
+        for name in ("_iter0", "_iter1", "_scratch"):
             if name in group:
                 del group[name]
         meta = dict(group.attrs["pipeline"])
@@ -1213,9 +1254,13 @@ def _checkpoint_state(result):
     if "precisions_cholesky" not in saved or meta.get("n_iter") is None:
         return None
     lb = meta.get("lower_bound")
-    return {"params": {name: saved[name][...] for name in ("weights", "means", "covariances", "precisions_cholesky")},
-            "n_iter": int(meta["n_iter"]), "history": meta.get("history", []),
-            "lower_bound": -np.inf if lb is None else float(lb), "converged": meta.get("converged", False)}
+    if saved.attrs.get("sharded", {}).get("complete"):
+        params = sh.ShardedParameters(saved)  # read a group at a time, never loaded whole
+    else:
+        params = {name: saved[name] for name in ("weights", "means", "covariances", "precisions_cholesky")}
+    return {"params": params, "n_iter": int(meta["n_iter"]), "history": meta.get("history", []),
+            "lower_bound": -np.inf if lb is None else float(lb), "converged": meta.get("converged", False),
+            "group": saved}
 
 
 class _Checkpoint:
@@ -1267,6 +1312,14 @@ def load_model(model_url, memory_budget=None):
     cov_type = meta.get("covariance_type", "full")  # models of before the other types are full
     K, d = int(meta["n_components"]), int(meta["n_features"])
     gm = GaussianMixture(n_components=K, covariance_type=cov_type, memory_budget=memory_budget)
+    if cov_type == "full" and g.attrs.get("sharded", {}).get("complete") and _larger_than_budget(K, d, memory_budget):
+        # A model larger than the budget: its K d^2 attributes stay in the store.
+        gm._set_sharded(sh.ShardedParameters(g), 1)
+        gm.converged_ = bool(meta.get("converged"))
+        gm.n_iter_ = int(meta.get("n_iter", 0))
+        gm.lower_bound_ = meta.get("lower_bound")
+        gm.n_features_in_ = d
+        return gm
     gm.weights_ = g["weights"][...]
     gm.means_ = g["means"][...]
     gm.covariances_ = g["covariances"][...]
@@ -1284,6 +1337,14 @@ def load_model(model_url, memory_budget=None):
     gm.lower_bound_ = meta.get("lower_bound")
     gm.n_features_in_ = gm.means_.shape[1]
     return gm
+
+
+def _larger_than_budget(K, d, memory_budget):
+    """Whether a full model's K d^2 attributes (factors, covariances, precisions and a
+    prediction's prepared copy) would take more than half of ``memory_budget``."""
+    from .sizes import parse_budget
+
+    return 4 * K * d * d * 8 > parse_budget(memory_budget) / 2
 
 
 def _labels_block(wlp):

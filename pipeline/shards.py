@@ -584,8 +584,8 @@ def m_step(source, params, out, scratch_, plan, reg_covar, token, resp=("em",), 
     ``stats_only``, ``out`` is a Zarr group that receives ``S2`` (K, d, d) and the
     returned dict holds ``N`` and ``S1`` instead.
     """
-    n = source.shape[0]
-    K, d = out.n_components, out.n_features
+    n, d = source.shape
+    K = params.n_components if stats_only else out.n_components
     blocks, groups = _blocks(n, plan["rows"]), _groups(K, plan["component_group"])
     prune = prunes(K, d)
     # Groups run one after another, each with its row runs in parallel: only one

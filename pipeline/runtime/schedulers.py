@@ -96,6 +96,12 @@ def dask_threads() -> int:
     return int(dask.config.get("num_workers", None) or cores())
 
 
+def dask_workers() -> int:
+    """Worker processes of the connected cluster (1 without one)."""
+    client = _current_client()
+    return max(1, len(_workers(client))) if client is not None else 1
+
+
 def _workers(client):
     """{address: info} of every worker (newer distributed lists only a few unless asked)."""
     import inspect
