@@ -465,12 +465,7 @@ def _random_resp_chunk(block, shared, start):
     A counter-based generator (Philox) positioned at value ``start * K`` gives every
     row the same numbers whatever the chunking.
     """
-    K = shared["K"]
-    first = start * K
-    bitgen = np.random.Philox(key=shared["key"], counter=[first // 4, 0, 0, 0])
-    skip = first % 4
-    resp = np.random.Generator(bitgen).random(skip + block.shape[0] * K)[skip:].reshape(block.shape[0], K)
-    resp /= resp.sum(axis=1)[:, None]
+    resp = sh.random_resp(shared["key"], shared["K"], start, block.shape[0])
     return _cv.resp_block_stats(shared["type"], block, resp, shared["shift"])
 
 

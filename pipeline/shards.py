@@ -81,7 +81,7 @@ class StoredArray:
     >>> z[...] = np.arange(12.0).reshape(3, 2, 2)
     >>> a = StoredArray(z)
     >>> a.shape, a[1, 0, 1], np.asarray(a[2]).sum()
-    ((3, 2, 2), np.float64(5.0), np.float64(42.0))
+    ((3, 2, 2), np.float64(5.0), np.float64(38.0))
     """
 
     def __init__(self, array):
@@ -97,7 +97,8 @@ class StoredArray:
         return self.shape[0]
 
     def __getitem__(self, key):
-        return self._array[key]
+        out = self._array[key]
+        return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out  # a scalar, as NumPy's
 
     def __iter__(self):
         for k in range(len(self)):

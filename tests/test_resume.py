@@ -76,6 +76,7 @@ def data(tmp_path_factory):
     pl.make_blobs(str(d / "q.zarr"), 1024, 16, centers=5, random_state=1, chunk_rows=128)
     pl.make_blobs(str(d / "t.zarr"), 8000, 16, centers=5, random_state=2, chunk_rows=200)
     pl.make_blobs(str(d / "g.zarr"), 3000, 4, centers=3, dtype="float64", random_state=0, chunk_rows=500)
+    pl.make_blobs(str(d / "g40.zarr"), 3000, 24, centers=5, dtype="float64", random_state=0, chunk_rows=500)
     return d
 
 
@@ -137,10 +138,12 @@ def test_knn_killed_then_resumed_keeps_written_pieces(data, tmp_path):
     assert _meta(out)["complete"]
 
 
-def test_gmm_fit_killed_then_resumed_from_its_last_iteration(data, tmp_path):
-    argv = ["gmm", "fit", data / "g.zarr"]
-    opts = ["--n-components", 3, "--max-iter", 12, "--tol", 0, "--init", "k-means++", "--seed", 1,
-            "--memory-budget", "64MiB"]
+@pytest.mark.parametrize("sharded", [False, True])
+def test_gmm_fit_killed_then_resumed_from_its_last_iteration(data, tmp_path, sharded):
+    argv = ["gmm", "fit", data / ("g40.zarr" if sharded else "g.zarr")]
+    # Sharded: 40 components of 24 features at 9 MiB, the iterations written by the tasks.
+    opts = ["--n-components", 40 if sharded else 3, "--max-iter", 12, "--tol", 0, "--init", "k-means++",
+            "--seed", 1, "--memory-budget", "9MiB" if sharded else "64MiB"]
     ref = _cli(*argv, tmp_path / "ref.zarr", *opts)
     assert ref["n_iter"] == "12"
 
@@ -165,3 +168,4 @@ def test_gmm_fit_killed_then_resumed_from_its_last_iteration(data, tmp_path):
     assert _meta(out)["lower_bound"] == _meta(tmp_path / "ref.zarr")["lower_bound"]
     assert _meta(out)["history"] == _meta(tmp_path / "ref.zarr")["history"]
     assert "_iter0" not in b and "_iter1" not in b  # checkpoints dropped once complete
+    assert ("log_det" in b) == sharded
