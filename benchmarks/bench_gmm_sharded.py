@@ -21,8 +21,8 @@ shape ((2048 x d+1) @ (d+1 x d), one BLAS thread per dask thread, as many thread
 once as the job runs) and the 4096^3 peak.  ``cluster``: the same iteration through a
 real ``dask scheduler`` with 1 and then 2 ``dask worker`` processes (1 thread each,
 the budget per worker), results compared with the threaded run's, peak RSS of each
-worker.  ``users``: blobs of 200 separated clusters (the start's means one row of each),
-K=200 at 2 GiB: time and the share of (row, component) pairs pruning skipped.
+worker.  ``users``: blobs of 200 separated clusters (the start's means one row of each, its
+covariances 2 I: a blob's own scale), K=200 at 2 GiB: time and the share of (row, component) pairs pruning skipped.
 ``dense900``: unstructured rows (one blob), the time of one iteration and its
 projection to 1,000,000 rows (linear in n).  Results: ``benchmarks/results/gmm-sharded-<case>.json``.
 """
@@ -44,7 +44,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 CASES = {
     "k200": dict(n=50_000, d=512, K=200, budget="256MiB", centers=1, runs=3),
     "cluster": dict(n=50_000, d=512, K=200, budget="256MiB", centers=1, runs=1),
-    "users": dict(n=1_000_000, d=900, K=200, budget="2GiB", centers=200, runs=1),
+    # The start's covariances at a blob's own scale (a row as mean: variance 2 a feature).
+    "users": dict(n=1_000_000, d=900, K=200, budget="2GiB", centers=200, runs=1, start_var=2.0),
     "dense900": dict(n=100_000, d=900, K=200, budget="2GiB", centers=1, runs=1),
 }
 IMPORTS = "import numpy, zarr, dask, pipeline, pipeline.shards, pipeline.mixture"
@@ -119,13 +120,13 @@ def _make(case, directory):
     K, d = case["K"], case["d"]
     rng = np.random.default_rng(0)
     if case["centers"] == K:  # one row of each blob: each component starts in its own cluster
-        y = ds.y[...] if ds.y is not None else None
+        y = ds.y_zarr[...]
         idx = np.array([rng.choice(np.flatnonzero(y == k)) for k in range(K)])
     else:
         idx = np.sort(rng.choice(case["n"], K, replace=False))
     means = ds.X_zarr.get_orthogonal_selection((idx, slice(None)))
-    var = float(ds.X_zarr[:10_000].var(axis=0).mean())
-    start = directory / f"start-{case['n']}x{d}-{K}.zarr"
+    var = case.get("start_var") or float(ds.X_zarr[:10_000].var(axis=0).mean())
+    start = directory / f"start-{case['n']}x{d}-{K}-{case['centers']}.zarr"
     params = sh.ShardedParameters.create(zarr.open_group(str(start), mode="w"), K, d)
     cov = np.broadcast_to(np.eye(d) * var, (K, d, d))
     sh.write_parameters(params, np.full(K, 1.0 / K), means, covariances=cov, group=8)
@@ -164,6 +165,16 @@ def _iteration(data, start, work, budget, address=None, workers=1):
                                    connect=connect, workers=workers))
 
 
+def _warm():
+    import numpy
+    import zarr  # noqa: F401
+
+    import pipeline.mixture  # noqa: F401
+    import pipeline.shards  # noqa: F401
+
+    numpy.ones((64, 64)) @ numpy.ones((64, 64))
+
+
 class _Cluster:
     """`dask scheduler` and `dask worker` processes (no nanny: their own RSS is measured) on 127.0.0.1."""
 
@@ -179,6 +190,9 @@ class _Cluster:
             time.sleep(0.2)
         time.sleep(0.5)
         self.address = json.loads(self.file.read_text())["address"]
+        # glibc returns freed blocks >= 1 MiB at once (pipeline.runtime.limit_malloc, as
+        # the workers of connect("local") and the `pipeline` command do): RSS is what is live.
+        env = {**env, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
         self.workers = [subprocess.Popen([str(bindir / "dask"), "worker", self.address, "--nthreads", "1",
                                           "--no-nanny", "--memory-limit", "0", "--host", "127.0.0.1",
                                           "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -188,6 +202,8 @@ class _Cluster:
 
         with Client(self.address, timeout=60) as c:
             c.wait_for_workers(n_workers, timeout=60)
+            # The idle reference: workers that imported what the job's tasks import.
+            c.run(_warm)
         time.sleep(1.0)
         self.idle = [self.rss(p.pid) for p in self.workers]
 
@@ -205,7 +221,11 @@ class _Cluster:
         for p in reversed(self.procs):
             p.terminate()
         for p in self.procs:
-            p.wait(20)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def _rate(case, seconds):

@@ -494,6 +494,9 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
         if sharded is not False and (sharded or component_group is not None or not whole):
             return _plan_gmm_sharded(budget, threads, n=n, d=d, K=K, itemsize=itemsize, chunk_rows=chunk_rows,
                                      x_compressed=x_compressed, component_group=component_group, workers=workers)
+    if peak(best(group), group) > budget:  # full, whole, asked not to shard
+        _too_small("gmm", budget, peak(best(group), group), f"its smallest blocks with all {K} components "
+                   "(unsharded)")
     fits = lambda r: peak(r, group) <= budget
     # Whole stored chunks first; else the largest block above the least peak.
     if chunk_rows and chunk_rows < n and fits(chunk_rows):
@@ -535,25 +538,35 @@ def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsi
     e_task = (x_block + 2 * g * (d + 1) * d * f8 + 2 * g * d * r * f8 + e_logp
               + (2 * rows * K * f8 if prune else 0)
               + slice_rows * (2 * d + 2 + 5 * g + g * r) * f8 + inner * (d + 1 + min(g, _g.gemm_group(K, d)) * d) * f8)
-    if order == "groups":  # the log-sum-exp pass reads a row block's K log-densities
-        e_task = max(e_task, 2 * rows * K * f8)
+    e_task += 2 * rows * K * f8 if order == "rows" else 0  # the log-sum-exp's two (rows, K) temporaries
+    if order == "groups":  # the log-sum-exp pass reads a row block's K log-densities, two temporaries
+        e_task = max(e_task, 3 * rows * K * f8)
     # M task: its block, responsibilities (read and exponentiated), the weighted rows,
     # a gathered copy, the group's statistics it accumulates.
     m_task = x_block + 3 * rows * g * f8 + 2 * rows * d * f8 + stats
+    # The starts' M tasks: random responsibilities for all K (normalised per row), or
+    # k-means labels (distances to all K centres) and one block's statistics beside the sum.
+    m_task += max(2 * rows * K * f8, rows * K * f8 + stats)
     # The group's task: the runs' statistics and their sum, covariances, factors, one
     # SVD's copy of the factors (the pruning bounds).
     m_group = (m_runs + 1) * stats + 3 * g * d * d * f8 + 2 * g * d * r * f8
     e_phase = threads * e_task
     at_once = min(threads, m_runs)
     m_phase = max(at_once * m_task, m_group + (at_once - 1) * m_task)
-    # The phases run one after the other: the larger counts, the other is listed (x 0).
+    # The driver writes a start (given arrays, one row per component) and the fitted
+    # precisions a group at a time: the group's covariances, factors and temporaries.
+    w_phase = 4 * g * d * d * f8
+    # The phases run one after the other: the largest counts, the others are listed (x 0).
+    top = max(e_phase, m_phase, w_phase)
     items = [
         CostItem("parameters (driver)", 8 * K * d * f8 + 16 * K * f8, 1,
                  "O(K d): means, weights, log-dets, bounds' terms; never K d^2"),
-        CostItem("E-step task (block x group)", e_task, threads if e_phase >= m_phase else 0,
+        CostItem("E-step task (block x group)", e_task, threads if e_phase == top else 0,
                  f"order {order}: X block, {g} factors, log-densities, bounds"),
-        CostItem("M-step runs + group's sum", m_phase, 1 if m_phase > e_phase else 0,
+        CostItem("M-step runs + group's sum", m_phase, 1 if m_phase == top and e_phase != top else 0,
                  f"{at_once} run(s) of one group at once, then its new parameters"),
+        CostItem("driver writing a group", w_phase, 1 if w_phase == top and top not in (e_phase, m_phase) else 0,
+                 "a start or the precisions, one group at a time"),
     ]
     if chunk_rows and rows < chunk_rows:
         items.append(CostItem("stored chunk, read whole", chunk_rows * d * itemsize, (1 + x_compressed) * threads,
@@ -563,16 +576,25 @@ def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsi
     return _with_runtime(items, tasks=n_blocks * (1 if order == "rows" else 2) + n_groups * (1 + m_runs) + n_blocks)
 
 
-def sharded_traffic(rows, group, order, *, n_samples, n_features, n_components, itemsize, m_runs=1):
-    """Per EM iteration of the sharded pass: reads of X and of the factors, and the bytes moved."""
+def e_runs(n_blocks, n_groups, tasks):
+    """Row runs per component group of a "groups"-order E-step: enough tasks for the threads, twice over."""
+    return min(n_blocks, max(1, math.ceil(2 * tasks / n_groups)))
+
+
+def sharded_traffic(rows, group, order, *, n_samples, n_features, n_components, itemsize, m_runs=1, tasks=None):
+    """Per EM iteration of the sharded pass: reads of X and of the factors, and the bytes moved.
+
+    ``m_runs``: the M-step's row runs per group; ``tasks``: the tasks that run at once
+    (threads of every worker, default ``m_runs``), which set the row runs of a
+    "groups"-order E-step (:func:`e_runs`).
+    """
     n, d, K = n_samples, n_features, n_components
     n_blocks, n_groups = math.ceil(n / rows), math.ceil(K / group)
     x, p, logp = n * d * itemsize, K * d * (d + 1) * 8, n * K * 8
     if order == "rows":
         e_x, e_p, e_logp = 1, n_blocks, 1
     else:
-        runs = min(n_blocks, max(1, m_runs))
-        e_x, e_p, e_logp = n_groups, runs, 2  # written, then read back for the log-sum-exp
+        e_x, e_p, e_logp = n_groups, e_runs(n_blocks, n_groups, tasks or m_runs), 2  # written, read back for the lse
     m_x = n_groups
     return {"x_reads": e_x + m_x, "param_reads": e_p, "x_bytes": (e_x + m_x) * x, "param_bytes": e_p * p,
             "scratch_bytes": (e_logp + 1) * logp + (1 + n_groups) * n * 8,
@@ -607,7 +629,7 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
                 if peak(rows, g, order) > budget:
                     continue
             t = sharded_traffic(rows, g, order, n_samples=n, n_features=d, n_components=K, itemsize=itemsize,
-                                m_runs=m_runs_of(rows))
+                                m_runs=m_runs_of(rows), tasks=tasks)
             # Blocks of 2048 rows or more where they fit (the GEMMs' efficiency), then
             # the fewest bytes moved, then fewer, larger tasks.
             rank = (rows < min(most_rows, 2048), t["bytes"], -rows, -g)
@@ -621,7 +643,8 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
     _, rows, g, order, t = best
     n_groups = math.ceil(K / g)
     params = {"rows": rows, "component_group": g, "component_groups": n_groups, "sharded": True, "order": order,
-              "m_runs": m_runs_of(rows), "workers": workers, "passes": 1 + n_groups, **t}
+              "m_runs": m_runs_of(rows), "e_runs": e_runs(math.ceil(n / rows), n_groups, tasks),
+              "workers": workers, "passes": 1 + n_groups, **t}
     return Plan("gmm", budget, threads, params, cost(rows, g, order),
                 {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize,
                  "covariance_type": "full"})

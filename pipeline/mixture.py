@@ -207,8 +207,8 @@ def em_step(X, weights=None, means=None, precisions_cholesky=None, memory_budget
                              f"covariance_type={covariance_type!r} need {shape}")
     if plan is None:
         plan = _plan(source, K, memory_budget, covariance_type)
-    elif plan["component_groups"] > 1 and covariance_type != "full":
-        raise InputError("plans with component groups are for covariance_type='full' only")
+    elif plan["sharded"] and covariance_type != "full":
+        raise InputError("sharded plans (component groups) are for covariance_type='full' only")
     if plan["sharded"]:
         # The factors the caller holds go to a scratch store, a component group at a
         # time; the pass reads them from there as it reads a model store.
@@ -235,9 +235,19 @@ def _open_parameters(params, source):
             raise InputError(f"model store {params!r} is incomplete (its fit was interrupted"
                              f"{' at iteration ' + str(meta['n_iter']) if meta.get('n_iter') is not None else ''}); "
                              "finish it with the same `pipeline gmm fit` command (it resumes) or fit again")
-        if "log_det" not in group:
-            raise InputError(f"model store {params!r} holds no sharded parameters; fit it with this pipeline version")
-        stored = sh.ShardedParameters(group)
+        if "log_det" not in group:  # fitted unsharded: its arrays, a group at a time, to a scratch store
+            K, d = group["means"].shape
+            if d != source.shape[1]:
+                raise InputError(f"model store {params!r} has {K} components of {d} features, but X has "
+                                 f"{source.shape[1]} features; use the model fitted on this data")
+            tmp = sh.TemporaryStore()
+            stored = sh.write_parameters(sh.ShardedParameters.create(tmp.group("params"), K, d),
+                                         group["weights"][...], group["means"][...],
+                                         covariances=group["covariances"],
+                                         precisions_cholesky=group["precisions_cholesky"], group=8)
+            stored.owner = tmp
+        else:
+            stored = sh.ShardedParameters(group)
     if not stored.complete:
         raise InputError(f"model store {params!r} is incomplete (a half-written iteration); resume its fit or "
                          "fit again")
@@ -259,7 +269,7 @@ def _em_step_stored(source, stored, memory_budget, shift, plan, out, tmp=None):
         plan = _plan_sharded(source, K, memory_budget)
     elif not plan["sharded"]:
         plan = _plan_sharded(source, K, plan.budget)
-    tmp = tmp or sh.TemporaryStore()
+    tmp = tmp or getattr(stored, "owner", None) or sh.TemporaryStore()
     out_group = tmp.group("stats") if out is None else _new_group(out)
     token = uuid.uuid4().hex
     with thread_buffers():
@@ -284,6 +294,11 @@ def _plan_sharded(source, K, memory_budget):
 def _new_group(url):
     import zarr
 
+    from .store.urls import exists
+
+    if exists(str(url)):
+        raise InputError(f"out={str(url)!r} already exists; em_step writes its statistics to a new store: "
+                         "remove it or choose another path")
     return zarr.open_group(str(url), mode="w", zarr_format=3)
 
 
@@ -689,7 +704,6 @@ class GaussianMixture(BaseEstimator):
         rs = _check_random_state(self.random_state)
         if plan["sharded"]:
             return self._fit_sharded(source, X, plan, (w, m, pc), callback, state, do_init, rs, root)
-        self._forget_store()
         n_init = self.n_init if do_init else 1
         best = None
         for init in range(n_init):
@@ -744,6 +758,9 @@ class GaussianMixture(BaseEstimator):
             warnings.warn("Best performing initialization did not converge. Try different init "
                           "parameters, or increase max_iter, tol, or check for degenerate data.",
                           sklearn_flavoured(ConvergenceWarning, "ConvergenceWarning"), stacklevel=4)
+        # A previous sharded fit's store goes now, not before: a warm start read from it.
+        params = {name: None if value is None else np.asarray(value) for name, value in params.items()}
+        self._forget_store()
         self.weights_ = params["weights"]
         self.means_ = params["means"]
         self.precisions_cholesky_ = params["precisions_cholesky"]
@@ -1194,6 +1211,8 @@ def fit_to_store(data, model_url, *, n_components=1, covariance_type="full", max
             else:
                 if name not in group:
                     group.create_group(name)
+                # Its sharded terms (log-dets, bounds) of an earlier sharded run are stale now.
+                group[name].attrs["sharded"] = {"complete": False}
                 _save_model(_Checkpoint(group, name), params, n_iter, lower_bound, history, converged, job,
                             covariance_type)
             if on_iteration is not None:

@@ -192,6 +192,8 @@ class ShardedParameters:
                 del group[name]
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None,
                                config={"write_empty_chunks": True})
+        if "precisions" in group:  # another iteration's
+            del group["precisions"]
         attrs.update(complete=False, n_components=K, n_features=d)
         group.attrs["sharded"] = attrs
         return cls(group)
@@ -366,6 +368,16 @@ def predict_block(block, shared, block_info=None):
                           thread_work())[0]
 
 
+#: The E-step's per-thread buffers, dropped at the end of each E task: the M-step
+#: that follows does not use them (the plan counts the phases apart).
+_E_BUFFERS = ("shard-logp", "D2", "err", "lower", "q", "xa", "y", "em-gemm")
+
+
+def _drop_e_buffers(work):
+    for key in _E_BUFFERS:
+        work.pop(key, None)
+
+
 def _e_rows(values, spans, arrays, small, groups, scratch_arrays, prune, block_starts):
     """E task, row blocks resident: for each of its row blocks, every component group streams past.
 
@@ -390,6 +402,7 @@ def _e_rows(values, spans, arrays, small, groups, scratch_arrays, prune, block_s
         scratch_arrays["lse"][r0:r0 + X.shape[0]] = lse
         ll += float(lse.sum())
         pairs += X.shape[0] * K
+    _drop_e_buffers(work)
     return {"log_likelihood": ll, "skipped": skipped, "pairs": pairs, "n": sum(b - a for a, b in spans)}
 
 
@@ -409,6 +422,7 @@ def _e_groups(values, spans, arrays, small, group, scratch_arrays, prune, block_
                                     out=scratch(work, "shard-logp", (X.shape[0], c1 - c0)))
         skipped += s
         scratch_arrays["logp"][r0:r0 + X.shape[0], c0:c1] = logp
+    _drop_e_buffers(work)
     return {"log_likelihood": 0.0, "skipped": skipped, "pairs": 0, "n": 0}
 
 
@@ -446,7 +460,12 @@ def _m_part(values, spans, block_starts, small, group, scratch_arrays, resp):
             np.exp(r, out=r)
         elif resp[0] == "labels":
             part = _km.labels_block_stats(X, resp[1], components=(c0, c1))
-            stats = part if stats is None else _g.combine_stats([stats, part])
+            if stats is None:
+                stats = part
+            else:  # in place: two sets of statistics at a time, not three
+                for key in ("N", "S1", "S2", "n"):
+                    stats[key] += part[key]
+            del part
             continue
         else:
             r = random_resp(resp[1], resp[2], r0, m)[:, c0:c1]
@@ -547,7 +566,6 @@ def e_step(source, params, scratch_, plan, token):
     small = gr.shared(params.small(), "small")
     scr = gr.shared({"logp": scratch_.logp, "lse": scratch_.lse}, "scratch")
     keys = []
-    threads = plan.threads * plan["workers"]
     if plan["order"] == "rows":
         # Each task holds its row blocks; the component groups stream past them.
         for i, part in enumerate(_parts(list(range(len(blocks))), len(blocks))):
@@ -558,7 +576,7 @@ def e_step(source, params, scratch_, plan, token):
         return gr.run(keys, _sum_e, "EM E-step")
     # Each task holds one component group; the row blocks stream past it.  Row runs
     # split the work when there are fewer groups than threads.
-    runs = _parts(list(range(len(blocks))), max(1, math.ceil(2 * threads / len(groups))))
+    runs = _parts(list(range(len(blocks))), plan["e_runs"])
     for j, grp in enumerate(groups):
         for i, part in enumerate(runs):
             key = (f"pipeline-gmm-e-{gr.token}", j, i)
@@ -695,5 +713,10 @@ def copy_parameters(src, dst_group, group=1):
                 t[name][a:a + group] = s[name][a:a + group]
         else:
             t[name][...] = s[name][...]
+    if "precisions" in src.group:
+        P = src.group["precisions"]
+        arr = dst_group.require_array("precisions", shape=P.shape, chunks=P.chunks, dtype=P.dtype, compressors=None)
+        for a in range(0, src.n_components, group):
+            arr[a:a + group] = P[a:a + group]
     out.mark_complete(**{k: v for k, v in src.group.attrs.get("sharded", {}).items() if k != "complete"})
     return out

@@ -101,13 +101,14 @@ def test_gmm_plans_the_next_scales(n, d, budget, workers):
     # The reads it states are those of its blocks and groups.
     groups, blocks = p["component_groups"], -(-n // p["rows"])
     assert p["x_reads"] == (1 if p["order"] == "rows" else groups) + groups
-    assert p["param_reads"] == (blocks if p["order"] == "rows" else min(blocks, p["m_runs"]))
+    assert p["param_reads"] == (blocks if p["order"] == "rows" else p["e_runs"])
+    assert p["e_runs"] == min(blocks, -(-2 * 2 * workers // groups))
     assert p["x_bytes"] == p["x_reads"] * n * d * 8
     # The other order would move at least as many bytes.
     other = "groups" if p["order"] == "rows" else "rows"
     from pipeline.budget import sharded_traffic
     alt = sharded_traffic(p["rows"], p["component_group"], other, n_samples=n, n_features=d, n_components=200,
-                          itemsize=8, m_runs=p["m_runs"])
+                          itemsize=8, m_runs=p["m_runs"], tasks=2 * workers)
     assert alt["bytes"] >= p["bytes"]
 
 

@@ -165,13 +165,13 @@ def test_em_step_takes_a_model_store_and_writes_its_statistics(tmp_path):
     ref = pl.em_step(X, init["weights_init"], init["means_init"], P, memory_budget="256MiB")
     store = sh.ShardedParameters.create(zarr.open_group(str(tmp_path / "params.zarr"), mode="w"), K, 5)
     sh.write_parameters(store, init["weights_init"], init["means_init"], precisions_cholesky=P, group=2)
-    for params in (str(tmp_path / "params.zarr"), store):
-        s = pl.em_step(X, params=params, memory_budget="256MiB", out=tmp_path / "stats.zarr")
+    for i, params in enumerate((str(tmp_path / "params.zarr"), store)):
+        s = pl.em_step(X, params=params, memory_budget="256MiB", out=tmp_path / f"stats{i}.zarr")
         np.testing.assert_allclose(s["log_likelihood"], ref["log_likelihood"], rtol=1e-12)
         np.testing.assert_allclose(s["N"], ref["N"], rtol=1e-12)
         np.testing.assert_allclose(s["S1"], ref["S1"], rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(np.asarray(s["S2"]), ref["S2"], rtol=1e-10, atol=1e-8)
-        assert s["store"].endswith("stats.zarr")
+        assert s["store"].endswith(f"stats{i}.zarr")
         np.testing.assert_allclose(zarr.open_group(s["store"], mode="r")["S2"][...], ref["S2"], rtol=1e-10, atol=1e-8)
     # Arrays in, sharded by a forced plan: the same statistics.
     plan = pl.plan("gmm", n_samples=2000, n_features=5, n_components=K, memory_budget="256MiB", component_group=1)
@@ -283,3 +283,33 @@ def test_sharded_iteration_stays_inside_a_budget_smaller_than_its_parameters(tmp
     res = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT")][-1].split(" ", 1)[1])
     assert res["sharded"] and res["n_iter"] == 2 and np.isfinite(res["lb"])
     assert above <= 48 * 2**20, f"peak {above / 2**20:.1f} MiB above idle, budget 48 MiB"
+
+
+def test_em_step_over_an_unsharded_model_store_and_bad_out(tmp_path):
+    data = tmp_path / "d.zarr"
+    pl.make_blobs(str(data), 800, 5, centers=3, dtype="float64", random_state=0)
+    mixture.fit_to_store(str(data), str(tmp_path / "m.zarr"), n_components=3, max_iter=3, tol=0,
+                         memory_budget="64MiB")
+    gm = mixture.load_model(str(tmp_path / "m.zarr"))
+    ref = pl.em_step(str(data), gm.weights_, gm.means_, gm.precisions_cholesky_, memory_budget="64MiB")
+    s = pl.em_step(str(data), params=str(tmp_path / "m.zarr"), memory_budget="64MiB")
+    np.testing.assert_allclose(np.asarray(s["S2"]), ref["S2"], rtol=1e-10, atol=1e-8)
+    with pytest.raises(InputError, match="already exists"):
+        pl.em_step(str(data), params=str(tmp_path / "m.zarr"), memory_budget="64MiB", out=tmp_path / "m.zarr")
+    assert mixture.load_model(str(tmp_path / "m.zarr")).n_iter_ == 3  # untouched
+
+
+def test_warm_start_after_a_sharded_fit_with_a_larger_budget(monkeypatch):
+    X = _clusters(n=1500, d=5, spread=6.0)
+    init = _start(X, 5)
+    real = _sharded_plan(monkeypatch, 2)
+    gm = pl.GaussianMixture(5, max_iter=3, tol=0.0, warm_start=True, **init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm.fit(X)
+        assert isinstance(gm.covariances_, sh.StoredArray)
+        monkeypatch.setattr(mixture, "_plan", real)
+        gm.set_params(memory_budget="256MiB").fit(X)  # unsharded now, from the sharded fit's parameters
+    ref = _sk(X, 5, max_iter=6, tol=0.0, **init)
+    np.testing.assert_allclose(gm.covariances_, ref.covariances_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(gm.lower_bound_, ref.lower_bound_, rtol=1e-9)
