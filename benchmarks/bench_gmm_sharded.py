@@ -159,8 +159,10 @@ ITERATION = """
 
 
 def _iteration(data, start, work, budget, address=None, workers=1):
-    connect = (f"from distributed import Client; _client = Client({address!r}); "
-               f"_client.wait_for_workers({workers})") if address else ""
+    # pl.connect: the workers' BLAS limited to their dask threads, as every pipeline job has them.
+    connect = (f"_cm = pl.connect({address!r}); _cm.__enter__(); "
+               f"from distributed import default_client; default_client().wait_for_workers({workers})"
+               if address else "")
     return _child(ITERATION.format(data=str(data), start=str(start), work=str(work), budget=budget,
                                    connect=connect, workers=workers))
 

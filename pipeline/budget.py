@@ -515,7 +515,7 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
 
 
 def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsize, threads, order="rows",
-                     m_runs=1, chunk_rows=None, x_compressed=True):
+                     m_runs=1, chunk_rows=None, x_compressed=True, workers=1):
     """Cost table of one process of the sharded EM pass (:mod:`pipeline.shards`).
 
     ``rows``-row blocks, ``group`` components per task group; ``order`` ``"rows"`` (a
@@ -550,6 +550,8 @@ def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsi
     # The group's task: the runs' statistics and their sum, covariances, factors, one
     # SVD's copy of the factors (the pruning bounds).
     m_group = (m_runs + 1) * stats + 3 * g * d * d * f8 + 2 * g * d * r * f8
+    if workers > 1:  # a run's statistics from another worker: its frames, then the array
+        m_group += 2 * stats
     e_phase = threads * e_task
     at_once = min(threads, m_runs)
     m_phase = max(at_once * m_task, m_group + (at_once - 1) * m_task)
@@ -612,7 +614,7 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
     def cost(rows, g, order):
         return cost_gmm_sharded(rows, g, n_samples=n, n_features=d, n_components=K, itemsize=itemsize,
                                 threads=threads, order=order, m_runs=m_runs_of(rows), chunk_rows=chunk_rows,
-                                x_compressed=x_compressed)
+                                x_compressed=x_compressed, workers=workers)
 
     peak = lambda rows, g, order: sum(i.total for i in cost(rows, g, order))
     # Blocks for every thread of the cluster, twice over (the E tasks of "rows" order).

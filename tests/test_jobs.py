@@ -179,3 +179,31 @@ def test_a_step_that_fails_while_running_is_named(tmp_path, capsys):
     assert code == 2 and "steps[0]" not in err, err
     assert f"{job}: steps[1] (knn): QUERY has NaN or infinite values" in err and "row(s) 7" in err, err
     assert _meta(tmp_path / "a.zarr")["complete"] and not _meta(tmp_path / "k.zarr")["complete"]
+
+
+def test_gmm_job_with_parameters_sharded_by_component(tmp_path, capsys):
+    """A job whose budget the 40 x 24 x 24 parameters do not fit: fit and predict sharded, rerun skipped."""
+    job = tmp_path / "sharded.yaml"
+    job.write_text(yaml.safe_dump({"memory_budget": "10MiB", "steps": [
+        {"generate": {"kind": "blobs", "out": "blobs.zarr", "n_samples": 3000, "n_features": 24, "centers": 5,
+                      "dtype": "float64", "seed": 0}},
+        {"gmm-fit": {"data": "blobs.zarr", "model": "model.zarr", "n_components": 40, "max_iter": 3, "tol": 0,
+                     "init": "k-means++", "seed": 0}},
+        {"gmm-predict": {"model": "model.zarr", "data": "blobs.zarr", "out": "labels.zarr"}}]}))
+    code, out, err = run(capsys, "run", job)
+    assert code == 0, err
+    model = zarr.open_group(str(tmp_path / "model.zarr"), mode="r")
+    assert "log_det" in model and _meta(tmp_path / "model.zarr")["n_iter"] == 3  # it was sharded
+    # The same model as an unsharded fit of the same job, and its labels.
+    ref = pl.mixture.fit_to_store(str(tmp_path / "blobs.zarr"), str(tmp_path / "ref.zarr"), n_components=40,
+                                  max_iter=3, tol=0, init_params="k-means++", random_state=0,
+                                  memory_budget="512MiB")
+    assert ref["n_iter"] == 3
+    r = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")
+    np.testing.assert_allclose(model["covariances"][...], r["covariances"][...], rtol=1e-8, atol=1e-10)
+    gm = pl.mixture.load_model(str(tmp_path / "ref.zarr"))
+    labels = zarr.open_group(str(tmp_path / "labels.zarr"), mode="r")["labels"][...]
+    X = zarr.open_group(str(tmp_path / "blobs.zarr"), mode="r")["X"][...]
+    assert (labels == gm.predict(X)).mean() > 0.999
+    code, out, err = run(capsys, "run", job)
+    assert code == 0 and out.count("already complete") == 3, out

@@ -189,14 +189,16 @@ def test_task_that_keeps_killing_workers_is_a_clear_bounded_error(tmp_path, frag
 def test_sharded_gmm_through_tcp_matches_threads(tmp_path, dask_cluster):
     """Parameters sharded by component (a budget they do not fit): the workers read and
     write the component groups of the model store; the same fit as on threads."""
-    pl.make_blobs(str(tmp_path / "x.zarr"), 3000, 24, centers=5, dtype="float64", random_state=0, chunk_rows=500)
+    pl.make_blobs(str(tmp_path / "x.zarr"), 3000, 32, centers=5, dtype="float64", random_state=0, chunk_rows=500)
     args = ("gmm", "fit", tmp_path / "x.zarr")
-    opts = ("--n-components", "40", "--max-iter", "3", "--tol", "0", "--seed", "0", "--memory-budget", "9MiB")
+    opts = ("--n-components", "48", "--max-iter", "3", "--tol", "0", "--seed", "0", "--memory-budget", "11MiB")
     assert _cli(*args, tmp_path / "threads.zarr", *opts) == 0
     assert _cli(*args, tmp_path / "tcp.zarr", *opts, "--scheduler", dask_cluster.address) == 0
     (a, am), (b, bm) = _arrays(tmp_path / "threads.zarr"), _arrays(tmp_path / "tcp.zarr")
     assert am["n_iter"] == bm["n_iter"] == 3
     assert "log_det" in zarr.open_group(str(tmp_path / "tcp.zarr"), mode="r")  # it was sharded
+    # Other blocks and groups (1 thread a worker): other float64 sums, amplified in the
+    # factors of the smallest components; the issue's bar is 1e-6.
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-9, atol=1e-11, err_msg=name)
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-7, atol=1e-10, err_msg=name)
     np.testing.assert_allclose(am["lower_bound"], bm["lower_bound"], rtol=1e-12)
