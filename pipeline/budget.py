@@ -514,14 +514,20 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
                  "covariance_type": covariance_type})
 
 
+#: Sets of statistics one task of a sharded M-step's tree sums (each g (d^2 + d + 1)
+#: floats, 800 MB a component at d = 10 000): pairs keep the tree's tasks small.
+M_SPLIT_EVERY = 2
+
+
 def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsize, threads, order="rows",
-                     m_runs=1, chunk_rows=None, x_compressed=True, workers=1):
+                     m_runs=1, chunk_rows=None, x_compressed=True, workers=1, m_split_every=M_SPLIT_EVERY):
     """Cost table of one process of the sharded EM pass (:mod:`pipeline.shards`).
 
     ``rows``-row blocks, ``group`` components per task group; ``order`` ``"rows"`` (a
     task holds a row block, the groups stream past) or ``"groups"`` (a task holds a
     group, the row blocks stream past); ``m_runs`` row runs per group in the M-step,
-    whose statistics meet in one task.  The driver holds O(K d) numbers.
+    whose statistics meet in a tree of ``m_split_every`` parts a task.  The driver
+    holds O(K d) numbers.
     """
     n, d, K = n_samples, n_features, n_components
     g = min(group, K)
@@ -547,14 +553,18 @@ def cost_gmm_sharded(rows, group, *, n_samples, n_features, n_components, itemsi
     # The starts' M tasks: random responsibilities for all K (normalised per row), or
     # k-means labels (distances to all K centres) and one block's statistics beside the sum.
     m_task += max(2 * rows * K * f8, rows * K * f8 + stats)
-    # The group's task: the runs' statistics and their sum, covariances, factors, one
-    # SVD's copy of the factors (the pruning bounds).
-    m_group = (m_runs + 1) * stats + 3 * g * d * d * f8 + 2 * g * d * r * f8
-    if workers > 1:  # a run's statistics from another worker: its frames, then the array
+    # The runs' statistics meet in a tree: a sum task holds its parts and their sum.
+    # The group's task: the summed statistics, covariances, factors, one SVD's copy of
+    # the factors (the pruning bounds).
+    m_sum = (min(m_runs, m_split_every) + 1) * stats if m_runs > 1 else 0
+    m_group = stats + 3 * g * d * d * f8 + 2 * g * d * r * f8
+    if workers > 1:  # statistics from another worker: their frames, then the array
+        m_sum += 2 * stats if m_runs > 1 else 0
         m_group += 2 * stats
     e_phase = threads * e_task
     at_once = min(threads, m_runs)
-    m_phase = max(at_once * m_task, m_group + (at_once - 1) * m_task)
+    m_phase = max(at_once * m_task, max(m_sum, m_group) + (at_once - 1) * m_task,
+                  at_once * m_sum if m_runs > m_split_every else 0)
     # The driver writes a start (given arrays, one row per component) and the fitted
     # precisions a group at a time: the group's covariances, factors and temporaries.
     w_phase = 4 * g * d * d * f8
@@ -645,7 +655,8 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
     _, rows, g, order, t = best
     n_groups = math.ceil(K / g)
     params = {"rows": rows, "component_group": g, "component_groups": n_groups, "sharded": True, "order": order,
-              "m_runs": m_runs_of(rows), "e_runs": e_runs(math.ceil(n / rows), n_groups, tasks),
+              "m_runs": m_runs_of(rows), "m_split_every": M_SPLIT_EVERY,
+              "e_runs": e_runs(math.ceil(n / rows), n_groups, tasks),
               "workers": workers, "passes": 1 + n_groups, **t}
     return Plan("gmm", budget, threads, params, cost(rows, g, order),
                 {"n_samples": n, "n_features": d, "n_components": K, "itemsize": itemsize,

@@ -487,18 +487,17 @@ def random_resp(key, K, start, m):
     return resp
 
 
-def _m_group(parts, arrays, shift, group, reg_covar, prune, stats_only=False):
-    """Task: a group's summed statistics -> its new parameters, written; returns the small terms.
+def _m_group(stats, arrays, shift, group, reg_covar, prune, stats_only=False):
+    """Task: a group's summed statistics (the root of its tree) -> its new parameters, written.
 
-    ``stats_only``: the statistics themselves, S2 written, N and S1 returned.
+    Returns the small terms; ``stats_only``: the statistics themselves, S2 written,
+    N and S1 returned.
     """
-    stats = _g.combine_stats(parts)
     c0, c1 = group
     if stats_only:
         arrays["S2"][c0:c1] = stats["S2"]
         return {"nk": stats["N"], "N": stats["N"], "S1": stats["S1"]}
     _, means, cov = _g.params_from_stats(stats, shift, reg_covar)
-    del stats["S2"]
     try:
         P = _g.compute_precision_cholesky(cov)
     except ValueError as e:
@@ -633,8 +632,12 @@ def m_step(source, params, out, scratch_, plan, reg_covar, token, resp=("em",), 
             leaves.append(key)
         centre = (shift[c0:c1] if shift is not None else params.group["means"][c0:c1] if resp[0] == "em"
                   else resp[-1][c0:c1])
+        # The runs' statistics meet in a tree, a few at a time: no task holds more
+        # than m_split_every + 1 sets of them, however many runs the cluster has.
+        summed = reduce_tree(gr.dsk, leaves, _g.combine_stats, f"pipeline-gmm-msum-{gr.token}",
+                             split_every=plan["m_split_every"])
         root = (f"pipeline-gmm-mgroup-{gr.token}",)
-        gr.dsk[root] = (_m_group, leaves, arrays, centre, (c0, c1), reg_covar, prune, stats_only)
+        gr.dsk[root] = (_m_group, summed, arrays, centre, (c0, c1), reg_covar, prune, stats_only)
         (res,) = compute(delayed_of(gr.dsk, root, gr.deps), label=f"EM M-step (components {c0}-{c1 - 1} of {K})")
         nk[c0:c1] = res.pop("nk")
         for name, value in res.items():
