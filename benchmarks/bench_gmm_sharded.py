@@ -159,8 +159,8 @@ ITERATION = """
 
 
 def _iteration(data, start, work, budget, address=None, workers=1):
-    # pl.connect: the workers' BLAS limited to their dask threads, as every pipeline job has them.
-    connect = (f"_cm = pl.connect({address!r}); _cm.__enter__(); "
+    # pipeline.runtime.connect: the workers' BLAS limited to their dask threads, as every pipeline job has them.
+    connect = (f"import pipeline.runtime; _cm = pipeline.runtime.connect({address!r}); _cm.__enter__(); "
                f"from distributed import default_client; default_client().wait_for_workers({workers})"
                if address else "")
     return _child(ITERATION.format(data=str(data), start=str(start), work=str(work), budget=budget,
