@@ -280,7 +280,8 @@ def _em_step_stored(source, stored, memory_budget, shift, plan, out, tmp=None):
         scratch_.clear()
     res.update(log_likelihood=e["log_likelihood"], n=int(source.shape[0]), store=_url_of(out_group),
                skipped=e["skipped"], pairs=e["pairs"])
-    res["_workspace"] = tmp  # the statistics' store lives as long as the result
+    if out is None:  # the statistics' temporary store lives as long as their array
+        res["S2"] = sh.StoredArray(out_group["S2"], owner=tmp)
     return res
 
 
@@ -862,6 +863,8 @@ class GaussianMixture(BaseEstimator):
 
     def _set_sharded(self, params, group, keep=None):
         """Fitted attributes from stored parameters: O(K d) ones loaded, K d^2 ones as StoredArray."""
+        if keep is not None:  # the temporary store lives as long as the model or its attributes
+            params.owner = keep
         small = params.small()
         self.weights_, self.means_ = small["weights"], small["means"]
         self.covariances_ = params.attribute("covariances")

@@ -84,8 +84,15 @@ class StoredArray:
     ((3, 2, 2), np.float64(5.0), np.float64(38.0))
     """
 
-    def __init__(self, array):
+    def __init__(self, array, owner=None):
         self._array = array
+        self._owner = owner  # a TemporaryStore holding the array: kept alive with it
+
+    def _read(self, key):
+        if self._owner is not None and not self._owner.exists():
+            raise InputError(f"the temporary store {self._owner.path} of this array was removed (with the model "
+                             "or result that owned it); fit with a model store to keep the parameters")
+        return self._array[key]
 
     shape = property(lambda self: tuple(self._array.shape))
     dtype = property(lambda self: np.dtype(self._array.dtype))
@@ -97,15 +104,15 @@ class StoredArray:
         return self.shape[0]
 
     def __getitem__(self, key):
-        out = self._array[key]
+        out = self._read(key)
         return out[()] if isinstance(out, np.ndarray) and out.ndim == 0 else out  # a scalar, as NumPy's
 
     def __iter__(self):
         for k in range(len(self)):
-            yield self._array[k]
+            yield self._read(k)
 
     def __array__(self, dtype=None, copy=None):
-        out = self._array[...]
+        out = self._read(Ellipsis)
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __dask_tokenize__(self):
@@ -145,6 +152,12 @@ class TemporaryStore:
         """The subgroup ``name`` (created if needed)."""
         return self.root.require_group(name)
 
+    def exists(self):
+        """Whether the directory is still there (a copy unpickled elsewhere does not own it)."""
+        import os
+
+        return os.path.isdir(self.path)
+
     def __reduce__(self):  # a copy in another process points at the same directory, not owning it
         return (_existing_store, (self.path,))
 
@@ -170,10 +183,13 @@ class ShardedParameters:
     n_components, n_features : int
     complete : bool
         Every array written (the last write marks it); an incomplete group is never read.
+    owner : TemporaryStore or None
+        The temporary store holding ``group``, kept alive by the attributes handed out.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, owner=None):
         self.group = group
+        self.owner = owner
         means = group["means"]
         self.n_components, self.n_features = (int(n) for n in means.shape)
 
@@ -217,7 +233,7 @@ class ShardedParameters:
 
     def attribute(self, name):
         """A K x d x d array as a :class:`StoredArray`."""
-        return StoredArray(self.group[name])
+        return StoredArray(self.group[name], self.owner)
 
     def write_precisions(self, group=1):
         """Store ``precisions`` = ``P P^T`` (scikit-learn's ``precisions_``), ``group`` components at a time."""
@@ -228,7 +244,7 @@ class ShardedParameters:
         for a in range(0, K, group):
             f = P[a:a + group]
             arr[a:a + group] = f @ f.transpose(0, 2, 1)
-        return StoredArray(arr)
+        return StoredArray(arr, self.owner)
 
     def shared(self, group):
         """What a prediction task reads: arrays (metadata), the small terms, the groups."""
@@ -439,8 +455,8 @@ def _sum_e(parts):
     return {key: sum(p[key] for p in parts) for key in ("log_likelihood", "skipped", "pairs", "n")}
 
 
-def _m_part(values, spans, block_starts, small, group, scratch_arrays, resp):
-    """M task: one component group's statistics over some row blocks.
+def _m_part(values, spans, block_starts, centres, group, scratch_arrays, resp):
+    """M task: one component group's statistics over some row blocks, around ``centres[group]``.
 
     ``resp``: ``("em",)`` responsibilities ``exp(logp - lse)`` from scratch;
     ``("labels", centers)`` one-hot labels of the nearest centre (the kmeans start);
@@ -448,7 +464,7 @@ def _m_part(values, spans, block_starts, small, group, scratch_arrays, resp):
     """
     work = thread_work()
     c0, c1 = group
-    shift = (small["means"] if resp[0] == "em" else resp[-1])[c0:c1]
+    shift = centres[c0:c1]
     stats = None
     for value, (a, b), r0 in zip(values, spans, block_starts):
         X = _g.as_float64(rows_of(value, a, b, work))
@@ -487,13 +503,14 @@ def random_resp(key, K, start, m):
     return resp
 
 
-def _m_group(stats, arrays, shift, group, reg_covar, prune, stats_only=False):
+def _m_group(stats, arrays, centres, group, reg_covar, prune, stats_only=False):
     """Task: a group's summed statistics (the root of its tree) -> its new parameters, written.
 
     Returns the small terms; ``stats_only``: the statistics themselves, S2 written,
     N and S1 returned.
     """
     c0, c1 = group
+    shift = centres[c0:c1]
     if stats_only:
         arrays["S2"][c0:c1] = stats["S2"]
         return {"nk": stats["N"], "N": stats["N"], "S1": stats["S1"]}
@@ -617,27 +634,26 @@ def m_step(source, params, out, scratch_, plan, reg_covar, token, resp=("em",), 
         small = {name: np.zeros(arr.shape, dtype=arr.dtype) for name, arr in out.arrays().items() if name in _SMALL}
         target = out.arrays()
     nk = np.zeros(K)
+    # What the statistics are centred on (K x d): the caller's shift, theta_t's means,
+    # or the start's centres.
+    centres_all = shift if shift is not None else params.group["means"][...] if resp[0] == "em" else resp[-1]
     for j, (c0, c1) in enumerate(groups):
         gr = _Graph(source, blocks, "m", (token, j))
-        # What the runs centre the statistics on: theta_t's means, or the caller's shift.
-        old = gr.shared(None if resp[0] != "em" else {"means": shift} if shift is not None
-                        else {"means": params.group["means"][...]}, "small")
+        # Arrays (centres, a start's K x d centers) as shared keys: never embedded per task.
+        centres, how = gr.shared(centres_all, "centres"), gr.shared(resp, "resp")
         scr = gr.shared(None if scratch_ is None else {"logp": scratch_.logp, "lse": scratch_.lse}, "scratch")
         arrays = gr.shared(target, "out")
         leaves = []
         for i, part in enumerate(runs):
             key = (f"pipeline-gmm-m-{gr.token}", i)
-            gr.dsk[key] = (_m_part, *gr.take(part), [gr.starts[b] for b in part], old, (c0, c1),
-                           scr, resp)
+            gr.dsk[key] = (_m_part, *gr.take(part), [gr.starts[b] for b in part], centres, (c0, c1), scr, how)
             leaves.append(key)
-        centre = (shift[c0:c1] if shift is not None else params.group["means"][c0:c1] if resp[0] == "em"
-                  else resp[-1][c0:c1])
         # The runs' statistics meet in a tree, a few at a time: no task holds more
         # than m_split_every + 1 sets of them, however many runs the cluster has.
         summed = reduce_tree(gr.dsk, leaves, _g.combine_stats, f"pipeline-gmm-msum-{gr.token}",
                              split_every=plan["m_split_every"])
         root = (f"pipeline-gmm-mgroup-{gr.token}",)
-        gr.dsk[root] = (_m_group, summed, arrays, centre, (c0, c1), reg_covar, prune, stats_only)
+        gr.dsk[root] = (_m_group, summed, arrays, centres, (c0, c1), reg_covar, prune, stats_only)
         (res,) = compute(delayed_of(gr.dsk, root, gr.deps), label=f"EM M-step (components {c0}-{c1 - 1} of {K})")
         nk[c0:c1] = res.pop("nk")
         for name, value in res.items():

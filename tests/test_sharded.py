@@ -44,6 +44,12 @@ def _clusters(n=2400, d=5, centres=4, spread=12.0, seed=0):
     return X[rng.permutation(len(X))]
 
 
+def _blobs_with_labels(n, d, centers, seed=0):
+    from sklearn.datasets import make_blobs
+
+    return make_blobs(n, d, centers=centers, cluster_std=1.0, center_box=(-40, 40), random_state=seed)
+
+
 def _start(X, K, seed=0):
     rng = np.random.default_rng(seed)
     means = X[rng.choice(len(X), K, replace=False)]
@@ -222,6 +228,54 @@ def test_a_model_store_that_does_not_match_x_or_is_incomplete_is_refused(tmp_pat
     out = mixture.fit_to_store(str(data), str(tmp_path / "m.zarr"), n_components=3, max_iter=5, tol=0,
                                memory_budget="64MiB")
     assert out["resumed_from_iteration"] == 2
+
+
+def test_stored_attributes_keep_their_temporary_store_alive(monkeypatch):
+    """A fitted model's K x d x d attributes and em_step's S2 outlive the model and the
+    result dict (their temporary store goes with the last of them); a copy unpickled
+    after the store is gone says so instead of reading zeros."""
+    import gc
+    import pickle
+
+    X = _clusters(n=800, d=4, spread=6.0)
+    init = _start(X, 3)
+    _sharded_plan(monkeypatch, 1)
+    gm = _fit(X, 3, max_iter=2, tol=0.0, **init)
+    ref = _sk(X, 3, max_iter=2, tol=0.0, **init)
+    cov, prec = gm.covariances_, gm.precisions_
+    copy = pickle.loads(pickle.dumps(cov))
+    del gm
+    gc.collect()
+    np.testing.assert_allclose(np.asarray(cov), ref.covariances_, rtol=RTOL, atol=1e-9)
+    np.testing.assert_allclose(prec[1], ref.precisions_[1], rtol=1e-5, atol=1e-9)
+    P = g.precision_cholesky_from_precisions(init["precisions_init"])
+    plan = pl.plan("gmm", n_samples=len(X), n_features=4, n_components=3, memory_budget="256MiB", component_group=1)
+    S2 = pl.em_step(X, init["weights_init"], init["means_init"], P, plan=plan)["S2"]
+    gc.collect()
+    whole = pl.em_step(X, init["weights_init"], init["means_init"], P, memory_budget="256MiB")
+    np.testing.assert_allclose(np.asarray(S2), whole["S2"], rtol=1e-10, atol=1e-8)
+    del cov, prec
+    gc.collect()
+    with pytest.raises(InputError, match="temporary store .* was removed"):
+        np.asarray(copy)
+
+
+def test_the_sharded_pass_prunes_separated_clusters(tmp_path):
+    """200 components on 20 separated blobs: most (row, component) pairs are skipped,
+    and the statistics are still the unsharded pass's."""
+    X, _ = _blobs_with_labels(n=4000, d=8, centers=20)
+    K = 200
+    rng = np.random.default_rng(0)
+    means = X[rng.choice(len(X), K, replace=False)]
+    P = np.broadcast_to(np.eye(8), (K, 8, 8)).copy()
+    w = np.full(K, 1.0 / K)
+    ref = pl.em_step(X, w, means, P, memory_budget="256MiB")
+    plan = pl.plan("gmm", n_samples=len(X), n_features=8, n_components=K, memory_budget="256MiB", component_group=16)
+    s = pl.em_step(X, w, means, P, plan=plan)
+    assert s["skipped"] > 0.5 * s["pairs"], (s["skipped"], s["pairs"])
+    np.testing.assert_allclose(s["log_likelihood"], ref["log_likelihood"], rtol=1e-12)
+    np.testing.assert_allclose(s["N"], ref["N"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(s["S2"]), ref["S2"], rtol=1e-9, atol=1e-9)
 
 
 def test_too_small_a_budget_names_the_minimum_before_any_work():
