@@ -458,7 +458,8 @@ def _plan_knn(budget, threads, *, n_query, n_train, n_features, k=5, itemsize=4,
 
 
 def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=8, chunk_rows=None,
-              covariance_type="full", x_compressed=True, component_group=None, workers=1, sharded=None):
+              covariance_type="full", x_compressed=True, component_group=None, workers=1, sharded=None,
+              order=None):
     n, d, K = (_positive(nm, v) for nm, v in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components)))
     try:
         _cv.check_type(covariance_type)
@@ -493,7 +494,8 @@ def _plan_gmm(budget, threads, *, n_samples, n_features, n_components, itemsize=
                                               and peak(max(best(K), min(n, 64)), K) <= budget)
         if sharded is not False and (sharded or component_group is not None or not whole):
             return _plan_gmm_sharded(budget, threads, n=n, d=d, K=K, itemsize=itemsize, chunk_rows=chunk_rows,
-                                     x_compressed=x_compressed, component_group=component_group, workers=workers)
+                                     x_compressed=x_compressed, component_group=component_group, workers=workers,
+                                     order=order)
     if peak(best(group), group) > budget:  # full, whole, asked not to shard
         _too_small("gmm", budget, peak(best(group), group), f"its smallest blocks with all {K} components "
                    "(unsharded)")
@@ -615,9 +617,17 @@ def sharded_traffic(rows, group, order, *, n_samples, n_features, n_components, 
 
 
 def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compressed, component_group=None,
-                      workers=1):
-    """The sharded EM plan: the group size, row blocks and order that move the fewest bytes."""
+                      workers=1, order=None):
+    """The sharded EM plan: the group size, row blocks and order that move the fewest bytes.
+
+    ``order`` forces one order: ``"rows"`` for a prediction (a task holds all K
+    log-densities of its rows) or an X computed by dask (a "groups" E-step would keep
+    every block it computed until the last group has read it).
+    """
     workers = _positive("workers", workers)
+    if order not in (None, "rows", "groups"):
+        raise BudgetError(f"order={order!r}: use 'rows' or 'groups' (or None: the one moving fewer bytes)")
+    orders = (order,) if order else ("rows", "groups")
     tasks = threads * workers
     m_runs_of = lambda rows: min(math.ceil(n / rows), tasks)
 
@@ -632,7 +642,7 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
     groups = [min(int(component_group), K)] if component_group is not None else _grid(1, K)
     best = None
     for g in groups:
-        for order in ("rows", "groups"):
+        for order in orders:
             rows = _largest_above_least(lambda r: peak(r, g, order), budget, 1, most_rows)
             if rows is None:
                 continue
@@ -649,7 +659,7 @@ def _plan_gmm_sharded(budget, threads, *, n, d, K, itemsize, chunk_rows, x_compr
                 best = (rank, rows, g, order, t)
     if best is None:
         g = groups[0] if component_group is not None else 1
-        least = min((peak(r, g, o), r, o) for r in _grid(1, most_rows) for o in ("rows", "groups"))
+        least = min((peak(r, g, o), r, o) for r in _grid(1, most_rows) for o in orders)
         _too_small("gmm", budget, least[0], f"one component at a time (sharded parameters, {least[1]}-row blocks)"
                    if g == 1 else f"{g} components at a time (sharded parameters)")
     _, rows, g, order, t = best

@@ -64,7 +64,13 @@ def _plan(source, n_components, memory_budget, covariance_type="full"):
     """The EM plan for a row source (its stored chunks align the blocks)."""
     return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=n_components,
                 itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
-                covariance_type=covariance_type, x_compressed=source.compressed, **_cluster())
+                covariance_type=covariance_type, x_compressed=source.compressed, **_cluster(), **_order(source))
+
+
+def _order(source, predict=False):
+    """A sharded pass's forced order: "rows" when predicting, or for X computed by dask
+    (a "groups" E-step would hold every block it computed until the last group read it)."""
+    return {"order": "rows"} if predict or source.kind == "dask" else {}
 
 
 def _cluster():
@@ -195,7 +201,8 @@ def em_step(X, weights=None, means=None, precisions_cholesky=None, memory_budget
     if params is not None:
         if covariance_type != "full":
             raise InputError("params= (a model store) holds full covariances; pass covariance_type='full'")
-        return _em_step_stored(source, _open_parameters(params, source), memory_budget, shift, plan, out)
+        return _em_step_stored(source, _open_parameters(params, source, memory_budget, plan), memory_budget, shift,
+                               plan, out)
     if weights is None or means is None or precisions_cholesky is None:
         raise InputError("em_step needs weights, means and precisions_cholesky, or params= (a model store)")
     K, d = len(weights), source.shape[1]
@@ -222,8 +229,12 @@ def em_step(X, weights=None, means=None, precisions_cholesky=None, memory_budget
                         plan, shift=shift, split_every=split_every, covariance_type=covariance_type)
 
 
-def _open_parameters(params, source):
-    """A model store (or group) as :class:`~pipeline.shards.ShardedParameters`, checked against X."""
+def _open_parameters(params, source, memory_budget=None, plan=None):
+    """A model store (or group) as :class:`~pipeline.shards.ShardedParameters`, checked against X.
+
+    A model fitted unsharded is converted to a scratch store a component group of the
+    pass's plan at a time (the plan made first: a budget too small fails before that).
+    """
     import zarr
 
     if isinstance(params, sh.ShardedParameters):
@@ -240,12 +251,14 @@ def _open_parameters(params, source):
             if d != source.shape[1]:
                 raise InputError(f"model store {params!r} has {K} components of {d} features, but X has "
                                  f"{source.shape[1]} features; use the model fitted on this data")
+            if plan is None or not plan["sharded"]:
+                plan = _plan_sharded(source, K, memory_budget if plan is None else plan.budget)
             tmp = sh.TemporaryStore()
-            stored = sh.write_parameters(sh.ShardedParameters.create(tmp.group("params"), K, d),
+            stored = sh.write_parameters(sh.ShardedParameters.create(tmp.group("params"), K, d, owner=tmp),
                                          group["weights"][...], group["means"][...],
                                          covariances=group["covariances"],
-                                         precisions_cholesky=group["precisions_cholesky"], group=8)
-            stored.owner = tmp
+                                         precisions_cholesky=group["precisions_cholesky"],
+                                         group=plan["component_group"])
         else:
             stored = sh.ShardedParameters(group)
     if not stored.complete:
@@ -285,11 +298,11 @@ def _em_step_stored(source, stored, memory_budget, shift, plan, out, tmp=None):
     return res
 
 
-def _plan_sharded(source, K, memory_budget):
+def _plan_sharded(source, K, memory_budget, predict=False):
     """A sharded plan (parameters read from a store, whatever their size)."""
     return plan("gmm", n_samples=source.shape[0], n_features=source.shape[1], n_components=K,
                 itemsize=source.dtype.itemsize, memory_budget=memory_budget, chunk_rows=source.chunk_rows,
-                x_compressed=source.compressed, sharded=True, **_cluster())
+                x_compressed=source.compressed, sharded=True, **_cluster(), **_order(source, predict))
 
 
 def _new_group(url):
@@ -946,7 +959,7 @@ class GaussianMixture(BaseEstimator):
         stored = getattr(self, "_sharded", None)
         if stored is not None:
             # Sharded parameters: each block task reads the component groups one at a time.
-            plan = _plan_sharded(source, K, self.memory_budget)
+            plan = _plan_sharded(source, K, self.memory_budget, predict=True)
             Xd = source.dask(rows=plan["rows"])
             shared = dask.delayed(stored.shared(plan["component_group"]), traverse=False)
             return Xd.map_blocks(sh.predict_block, shared, dtype=np.float64, chunks=(Xd.chunks[0], (K,)),

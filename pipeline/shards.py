@@ -194,7 +194,7 @@ class ShardedParameters:
         self.n_components, self.n_features = (int(n) for n in means.shape)
 
     @classmethod
-    def create(cls, group, n_components, n_features):
+    def create(cls, group, n_components, n_features, owner=None):
         """Create (or replace) the arrays of a K x d parameter set in ``group``; not complete yet."""
         K, d, r = n_components, n_features, _n_dirs(n_features)
         attrs = dict(group.attrs.get("sharded", {}))
@@ -212,7 +212,7 @@ class ShardedParameters:
             del group["precisions"]
         attrs.update(complete=False, n_components=K, n_features=d)
         group.attrs["sharded"] = attrs
-        return cls(group)
+        return cls(group, owner)
 
     @property
     def complete(self):
@@ -384,13 +384,14 @@ def predict_block(block, shared, block_info=None):
                           thread_work())[0]
 
 
-#: The E-step's per-thread buffers, dropped at the end of each E task: the M-step
-#: that follows does not use them (the plan counts the phases apart).
+#: The per-thread buffers of one phase, dropped at the end of its tasks: the other
+#: phase does not use them (the plan counts the phases apart).
 _E_BUFFERS = ("shard-logp", "D2", "err", "lower", "q", "xa", "y", "em-gemm")
+_M_BUFFERS = ("shard-resp", "em-rows")
 
 
-def _drop_e_buffers(work):
-    for key in _E_BUFFERS:
+def _drop_buffers(work, keys):
+    for key in keys:
         work.pop(key, None)
 
 
@@ -418,7 +419,7 @@ def _e_rows(values, spans, arrays, small, groups, scratch_arrays, prune, block_s
         scratch_arrays["lse"][r0:r0 + X.shape[0]] = lse
         ll += float(lse.sum())
         pairs += X.shape[0] * K
-    _drop_e_buffers(work)
+    _drop_buffers(work, _E_BUFFERS)
     return {"log_likelihood": ll, "skipped": skipped, "pairs": pairs, "n": sum(b - a for a, b in spans)}
 
 
@@ -438,7 +439,7 @@ def _e_groups(values, spans, arrays, small, group, scratch_arrays, prune, block_
                                     out=scratch(work, "shard-logp", (X.shape[0], c1 - c0)))
         skipped += s
         scratch_arrays["logp"][r0:r0 + X.shape[0], c0:c1] = logp
-    _drop_e_buffers(work)
+    _drop_buffers(work, _E_BUFFERS)
     return {"log_likelihood": 0.0, "skipped": skipped, "pairs": 0, "n": 0}
 
 
@@ -486,6 +487,7 @@ def _m_part(values, spans, block_starts, centres, group, scratch_arrays, resp):
         else:
             r = random_resp(resp[1], resp[2], r0, m)[:, c0:c1]
         stats = _g.resp_block_stats(X, r, shift, out=stats, buf=scratch(work, "em-rows", (m, X.shape[1])))
+    _drop_buffers(work, _M_BUFFERS)
     return stats
 
 

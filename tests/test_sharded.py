@@ -278,6 +278,32 @@ def test_the_sharded_pass_prunes_separated_clusters(tmp_path):
     np.testing.assert_allclose(np.asarray(s["S2"]), ref["S2"], rtol=1e-9, atol=1e-9)
 
 
+def test_predictions_and_an_x_computed_by_dask_take_the_rows_order(monkeypatch):
+    """A "groups" E-step keeps every block of a dask-computed X until the last group has
+    read it, and a prediction task holds all K log-densities of its rows: both are
+    planned in the "rows" order, and give the same model and predictions."""
+    import dask.array as da
+
+    X = _clusters(n=3000, d=24, centres=5, spread=3.0, seed=4)
+    K = 40
+    init = _start(X, K, seed=2)
+    assert pl.plan("gmm", n_samples=3000, n_features=24, n_components=K, memory_budget="10MiB",
+                   threads=2)["order"] == "groups"
+    ours = _fit(X, K, max_iter=3, tol=0.0, memory_budget="10MiB", **init)
+    lazy = _fit(da.from_array(X, chunks=(700, 24)) * 1.0, K, max_iter=3, tol=0.0, memory_budget="10MiB", **init)
+    assert ours.plan_["order"] == "groups" and lazy.plan_["order"] == "rows"
+    _assert_same(_sk(X, K, max_iter=3, tol=0.0, **init), lazy)
+    # Two EM paths of different blocks: sums reassociated, each within 1e-6 of scikit-learn.
+    np.testing.assert_allclose(lazy.score_samples(X), ours.score_samples(X), rtol=1e-7)
+    seen = []
+    real = mixture._plan_sharded
+    monkeypatch.setattr(mixture, "_plan_sharded", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    ours.predict(X)
+    assert [p["order"] for p in seen] == ["rows"]
+    with pytest.raises(BudgetError, match="order='diagonal'"):
+        pl.plan("gmm", n_samples=3000, n_features=24, n_components=K, memory_budget="10MiB", order="diagonal")
+
+
 def test_too_small_a_budget_names_the_minimum_before_any_work():
     with pytest.raises(BudgetError, match=r"one component at a time \(sharded parameters.*give --memory-budget"):
         pl.plan("gmm", n_samples=1_000_000, n_features=900, n_components=200, memory_budget="64MiB", threads=2)
@@ -367,6 +393,8 @@ def test_em_step_over_an_unsharded_model_store_and_bad_out(tmp_path):
     ref = pl.em_step(str(data), gm.weights_, gm.means_, gm.precisions_cholesky_, memory_budget="64MiB")
     s = pl.em_step(str(data), params=str(tmp_path / "m.zarr"), memory_budget="64MiB")
     np.testing.assert_allclose(np.asarray(s["S2"]), ref["S2"], rtol=1e-10, atol=1e-8)
+    with pytest.raises(BudgetError, match="give --memory-budget"):  # planned before the store is converted
+        pl.em_step(str(data), params=str(tmp_path / "m.zarr"), memory_budget="16KiB")
     with pytest.raises(InputError, match="already exists"):
         pl.em_step(str(data), params=str(tmp_path / "m.zarr"), memory_budget="64MiB", out=tmp_path / "m.zarr")
     assert mixture.load_model(str(tmp_path / "m.zarr")).n_iter_ == 3  # untouched
