@@ -5,7 +5,7 @@ One command::
     python benchmarks/bench_gmm_sharded.py                 # k200: 50000 x 512 f64, K=200, one iteration, 256 MiB
     python benchmarks/bench_gmm_sharded.py --case cluster  # the same on dask scheduler + 1 and 2 workers
     python benchmarks/bench_gmm_sharded.py --case users    # 1,000,000 x 900 from 200 separated clusters, 2 GiB
-    python benchmarks/bench_gmm_sharded.py --case dense900 --n 100000   # unstructured 900-d, projected to 1M
+    python benchmarks/bench_gmm_sharded.py --case dense900  # unstructured 100000 x 900, projected to 1M rows
 
 What runs: one EM iteration (:func:`pipeline.shards.em_iteration`: every (row,
 component) log-density once, the statistics per component group, the new parameters

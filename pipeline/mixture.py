@@ -1241,7 +1241,8 @@ def fit_to_store(data, model_url, *, n_components=1, covariance_type="full", max
         if stored is not None:
             # The last iteration's store becomes the model's own arrays, a component at a time.
             top = sh.copy_parameters(stored, group)
-            top.write_precisions()
+            if "precisions" not in top.group:  # copied when the fit computed them (it does)
+                top.write_precisions()
             _record_iteration(group.attrs, top.n_components, top.n_features, gm.n_iter_, gm.lower_bound_,
                               list(gm.lower_bounds_), gm.converged_, job, covariance_type)
         else:
@@ -1342,30 +1343,33 @@ def load_model(model_url, memory_budget=None):
     cov_type = meta.get("covariance_type", "full")  # models of before the other types are full
     K, d = int(meta["n_components"]), int(meta["n_features"])
     gm = GaussianMixture(n_components=K, covariance_type=cov_type, memory_budget=memory_budget)
-    if cov_type == "full" and g.attrs.get("sharded", {}).get("complete") and _larger_than_budget(K, d, memory_budget):
-        # A model larger than the budget: its K d^2 attributes stay in the store.
-        gm._set_sharded(sh.ShardedParameters(g), 1)
-        gm.converged_ = bool(meta.get("converged"))
-        gm.n_iter_ = int(meta.get("n_iter", 0))
-        gm.lower_bound_ = meta.get("lower_bound")
-        gm.n_features_in_ = d
+    want = _cv.parameter_shape(cov_type, K, d)
+    for name in ("covariances", "precisions_cholesky"):
+        if tuple(g[name].shape) != want:
+            raise InputError(f"{model_url}: {name} has shape {tuple(g[name].shape)}, but a "
+                             f"covariance_type={cov_type!r} model of {K} components and {d} features has {want}; "
+                             "the store is damaged or not a pipeline model: fit it again")
+    gm.converged_ = bool(meta.get("converged"))
+    gm.n_iter_ = int(meta.get("n_iter", 0))
+    gm.lower_bound_ = meta.get("lower_bound")
+    gm.n_features_in_ = d
+    if cov_type == "full" and _larger_than_budget(K, d, memory_budget):
+        # A model larger than the budget: its K d^2 attributes stay in a store.
+        if g.attrs.get("sharded", {}).get("complete"):
+            gm._set_sharded(sh.ShardedParameters(g), 1)
+        else:  # fitted unsharded: the sharded terms to a temporary store, a component at a time
+            keep = sh.TemporaryStore()
+            params = sh.write_parameters(sh.ShardedParameters.create(keep.group("params"), K, d, owner=keep),
+                                         g["weights"][...], g["means"][...], covariances=g["covariances"],
+                                         precisions_cholesky=g["precisions_cholesky"], group=1)
+            gm._set_sharded(params, 1, keep)
         return gm
     gm.weights_ = g["weights"][...]
     gm.means_ = g["means"][...]
     gm.covariances_ = g["covariances"][...]
     gm.precisions_cholesky_ = g["precisions_cholesky"][...]
-    want = _cv.parameter_shape(cov_type, K, d)
-    for name in ("covariances", "precisions_cholesky"):
-        if getattr(gm, name + "_").shape != want:
-            raise InputError(f"{model_url}: {name} has shape {getattr(gm, name + '_').shape}, but a "
-                             f"covariance_type={cov_type!r} model of {K} components and {d} features has {want}; "
-                             "the store is damaged or not a pipeline model: fit it again")
     gm.precisions_ = _cv.precisions_from_cholesky(cov_type, gm.precisions_cholesky_)
     gm._fitted_covariance_type = cov_type
-    gm.converged_ = bool(meta.get("converged"))
-    gm.n_iter_ = int(meta.get("n_iter", 0))
-    gm.lower_bound_ = meta.get("lower_bound")
-    gm.n_features_in_ = gm.means_.shape[1]
     return gm
 
 

@@ -337,6 +337,13 @@ def test_fit_to_store_predict_and_resume_with_sharded_parameters(tmp_path):
     gm = mixture.load_model(str(tmp_path / "m.zarr"), memory_budget="1MiB")
     assert isinstance(gm.covariances_, sh.StoredArray)
     np.testing.assert_allclose(np.asarray(gm.covariances_), a["covariances"][...], rtol=1e-8, atol=1e-10)
+    # So does a model fitted unsharded (under a larger budget), its sharded terms computed at load.
+    gw = mixture.load_model(str(tmp_path / "whole.zarr"), memory_budget="1MiB")
+    assert isinstance(gw.precisions_cholesky_, sh.StoredArray)
+    np.testing.assert_array_equal(np.asarray(gw.covariances_), a["covariances"][...])
+    gw.set_params(memory_budget="16MiB")  # a prediction's blocks need more than 1 MiB
+    np.testing.assert_allclose(gw.score_samples(str(data)), mixture.load_model(str(tmp_path / "whole.zarr"))
+                               .score_samples(str(data)), rtol=1e-10)
     mixture.predict_to_store(str(tmp_path / "m.zarr"), str(data), str(tmp_path / "p.zarr"), memory_budget="10MiB")
     mixture.predict_to_store(str(tmp_path / "whole.zarr"), str(data), str(tmp_path / "pw.zarr"))
     p, pw = zarr.open_group(str(tmp_path / "p.zarr"), mode="r"), zarr.open_group(str(tmp_path / "pw.zarr"), mode="r")
