@@ -505,25 +505,32 @@ def random_resp(key, K, start, m):
     return resp
 
 
-def _m_group(stats, arrays, centres, group, reg_covar, prune, stats_only=False):
-    """Task: a group's summed statistics (the root of its tree) -> its new parameters, written.
+def _m_group(stats, arrays, centres, group, part, reg_covar, prune, stats_only=False):
+    """Task: components ``part`` of a group's summed statistics -> their new parameters, written.
 
-    Returns the small terms; ``stats_only``: the statistics themselves, S2 written,
-    N and S1 returned.
+    ``stats`` is the root of the group's tree (components ``group``); the group's
+    parts run as tasks side by side (one Cholesky and one SVD a component: minutes of
+    serial work a group at d = 900 otherwise).  Returns the part's small terms;
+    ``stats_only``: the statistics themselves, S2 written, N and S1 returned.
     """
-    c0, c1 = group
-    shift = centres[c0:c1]
+    a, b = part[0] - group[0], part[1] - group[0]
+    sub = {key: stats[key][a:b] for key in ("N", "S1", "S2")}
     if stats_only:
-        arrays["S2"][c0:c1] = stats["S2"]
-        return {"nk": stats["N"], "N": stats["N"], "S1": stats["S1"]}
-    _, means, cov = _g.params_from_stats(stats, shift, reg_covar)
+        arrays["S2"][part[0]:part[1]] = sub["S2"]
+        return {"nk": sub["N"], "N": sub["N"], "S1": sub["S1"]}
+    _, means, cov = _g.params_from_stats(sub, centres[part[0]:part[1]], reg_covar)
     try:
         P = _g.compute_precision_cholesky(cov)
     except ValueError as e:
         raise InputError(str(e)) from None
-    small = _write_components(arrays, c0, cov, P, prune)
-    small.update(means=means, nk=stats["N"] + 10 * np.finfo(np.float64).eps)
+    small = _write_components(arrays, part[0], cov, P, prune)
+    small.update(means=means, nk=sub["N"] + 10 * np.finfo(np.float64).eps)
     return small
+
+
+def _concat_parts(parts):
+    """The small terms of a group's parts (in component order), joined."""
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 # -------------------------------------------------------------------------- graphs
@@ -628,6 +635,7 @@ def m_step(source, params, out, scratch_, plan, reg_covar, token, resp=("em",), 
     # Groups run one after another, each with its row runs in parallel: only one
     # group's statistics (its runs' and their sum) are alive at a time.
     runs = _parts(list(range(len(blocks))), plan["m_runs"])
+    tasks = plan.threads * plan["workers"]
     if stats_only:
         s2 = out.require_array("S2", shape=(K, d, d), chunks=(1, d, d), dtype=np.float64, compressors=None)
         small = {"N": np.zeros(K), "S1": np.zeros((K, d))}
@@ -654,8 +662,15 @@ def m_step(source, params, out, scratch_, plan, reg_covar, token, resp=("em",), 
         # than m_split_every + 1 sets of them, however many runs the cluster has.
         summed = reduce_tree(gr.dsk, leaves, _g.combine_stats, f"pipeline-gmm-msum-{gr.token}",
                              split_every=plan["m_split_every"])
+        # The new parameters in one part per thread of the cluster, side by side.
+        finals = []
+        for i, (a, b) in enumerate(_groups(c1 - c0, math.ceil((c1 - c0) / tasks))):
+            key = (f"pipeline-gmm-mnew-{gr.token}", i)
+            gr.dsk[key] = (_m_group, summed, arrays, centres, (c0, c1), (c0 + a, c0 + b), reg_covar, prune,
+                           stats_only)
+            finals.append(key)
         root = (f"pipeline-gmm-mgroup-{gr.token}",)
-        gr.dsk[root] = (_m_group, summed, arrays, centres, (c0, c1), reg_covar, prune, stats_only)
+        gr.dsk[root] = (_concat_parts, finals)
         (res,) = compute(delayed_of(gr.dsk, root, gr.deps), label=f"EM M-step (components {c0}-{c1 - 1} of {K})")
         nk[c0:c1] = res.pop("nk")
         for name, value in res.items():
