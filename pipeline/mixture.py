@@ -199,6 +199,9 @@ def em_step(X, weights=None, means=None, precisions_cholesky=None, memory_budget
         raise InputError(str(e)) from None
     source = as_rows(X, "X")
     if params is not None:
+        if weights is not None or means is not None or precisions_cholesky is not None:
+            raise InputError("em_step takes the parameters either as weights, means and precisions_cholesky or "
+                             "as params= (a model store), not both")
         if covariance_type != "full":
             raise InputError("params= (a model store) holds full covariances; pass covariance_type='full'")
         return _em_step_stored(source, _open_parameters(params, source, memory_budget, plan), memory_budget, shift,
@@ -278,6 +281,8 @@ def _em_step_stored(source, stored, memory_budget, shift, plan, out, tmp=None):
     import uuid
 
     K, d = stored.n_components, stored.n_features
+    if shift is not None and np.shape(shift) != (K, d):
+        raise InputError(f"shift has shape {np.shape(shift)}, but the {K} components of {d} features need ({K}, {d})")
     if plan is None:
         plan = _plan_sharded(source, K, memory_budget)
     elif not plan["sharded"]:

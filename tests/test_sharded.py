@@ -209,6 +209,10 @@ def test_a_model_store_that_does_not_match_x_or_is_incomplete_is_refused(tmp_pat
         pl.em_step(X, params=str(tmp_path / "p.zarr"), memory_budget="64MiB")
     with pytest.raises(InputError, match=r"3 components, more than X's 2 rows"):
         pl.em_step(X[:2, :4], params=str(tmp_path / "p.zarr"), memory_budget="64MiB")
+    with pytest.raises(InputError, match=r"shift has shape \(3, 5\), but the 3 components of 4 features"):
+        pl.em_step(X[:, :4], params=str(tmp_path / "p.zarr"), memory_budget="64MiB", shift=np.zeros((3, 5)))
+    with pytest.raises(InputError, match="not both"):
+        pl.em_step(X[:, :4], np.ones(3) / 3, params=str(tmp_path / "p.zarr"), memory_budget="64MiB")
     # An interrupted fit's model store: refused unless resumed (by the same fit).
     data = tmp_path / "d.zarr"
     pl.make_blobs(str(data), 600, 4, centers=3, dtype="float64", random_state=0)
