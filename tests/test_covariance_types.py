@@ -402,8 +402,10 @@ def test_bad_input_names_what_is_wrong():
         pl.GaussianMixture(2, covariance_type="spherical", precisions_init=np.array([1.0, -1.0])).fit(X)
     with pytest.raises(InputError, match="symmetric"):
         pl.GaussianMixture(2, covariance_type="tied", precisions_init=np.triu(np.ones((4, 4)))).fit(X)
+    with pytest.warns(UserWarning, match="did not converge"):  # max_iter=1: scikit-learn's ConvergenceWarning
+        gm = pl.GaussianMixture(2, covariance_type="diag", max_iter=1).fit(X)
     with pytest.raises(InputError, match="n_samples"):
-        pl.GaussianMixture(2, covariance_type="diag", max_iter=1).fit(X).sample(0)
+        gm.sample(0)
     with pytest.raises(BudgetError, match="'full', 'tied', 'diag', 'spherical'"):
         plan("gmm", n_samples=10, n_features=2, n_components=2, covariance_type="x", memory_budget="1GiB")
     assert CLI_TYPES == TYPES
