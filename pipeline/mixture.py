@@ -795,8 +795,7 @@ class GaussianMixture(BaseEstimator):
         return self
 
     def _forget_store(self):
-        for name in ("_sharded", "_store"):
-            self.__dict__.pop(name, None)
+        self.__dict__.pop("_sharded", None)
 
     def _fit_sharded(self, source, X, plan, given, callback, state, do_init, rs, root):
         """EM with the parameters sharded by component in a store (:mod:`pipeline.shards`).
@@ -890,9 +889,7 @@ class GaussianMixture(BaseEstimator):
         self.precisions_ = (params.attribute("precisions") if "precisions" in params.group
                             else params.write_precisions(group))
         self._fitted_covariance_type = "full"
-        self._sharded = params
-        if keep is not None:
-            self._store = keep  # the temporary store lives as long as the fitted model
+        self._sharded = params  # its owner, the temporary store, lives as long as the model
 
     def _initialize_sharded(self, source, X, rs, given, plan, group):
         """The start, written group by group: scikit-learn's strategies, or the given arrays."""
